@@ -1,0 +1,18 @@
+"""Shared pytest set-up.
+
+Triton decides between compiling and interpreting when a kernel is decorated, so the
+interpreter switch must be set before any kernel module is imported: on a machine with
+no GPU every Triton kernel test runs through `TRITON_INTERPRET=1`.
+"""
+
+import os
+
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _has_cuda = False
+
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
