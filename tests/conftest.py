@@ -16,3 +16,14 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The embedded default checkpoint, written once per test session (not to ~/.cache)."""
+    from workers.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -1,0 +1,155 @@
+"""The `tandem` command line.
+
+    tandem make-tiny-model DIR [--seed S]
+    tandem generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3 | --prompts-file F [--ids])
+                    --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--json]
+    tandem serve    [--model DIR]
+
+Every command that takes `--model` uses the embedded tiny model when none is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parse_ids(text: str, where: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"tandem: {where}: expected comma-separated token ids, got {text!r}"
+        ) from None
+    if not ids:
+        raise SystemExit(f"tandem: {where}: no token ids")
+    return ids
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from workers.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote the tiny gpt-oss checkpoint to {out}")
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    if args.prompt is not None:
+        return [tokenizer.encode(args.prompt)]
+    if args.prompt_ids is not None:
+        return [_parse_ids(args.prompt_ids, "--prompt-ids")]
+    lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{args.prompts_file}:{number}"
+        prompts.append(_parse_ids(line, where) if args.ids else tokenizer.encode(line))
+    if not prompts:
+        raise SystemExit(f"tandem: {args.prompts_file}: no prompts")
+    return prompts
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from workers.engine import EngineConfig, LLMEngine
+    from workers.sampling_params import SamplingParams, SamplingParamsError
+    from workers.tiny_model import resolve_model_dir
+
+    try:
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+        )
+    except SamplingParamsError as err:
+        raise SystemExit(f"tandem generate: {err}") from None
+    engine = LLMEngine.from_model_dir(
+        resolve_model_dir(args.model), EngineConfig(device=args.device, dtype=args.dtype)
+    )
+    prompts = _read_prompts(args, engine.tokenizer)
+    try:
+        results = engine.generate(prompts, params)
+    except SamplingParamsError as err:
+        raise SystemExit(f"tandem generate: {err}") from None
+    for result in results:
+        if args.json:
+            print(json.dumps(result.to_json()), flush=True)
+        else:
+            print(result.text, flush=True)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from workers.engine import EngineConfig, LLMEngine
+    from workers.sampling_params import SamplingParams, SamplingParamsError
+    from workers.tiny_model import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device=args.device))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    # Single-process mode: the disaggregated Ray Serve cluster replaces this loop.
+    print(f"tandem: serving {model_dir} in one process; one prompt per line on stdin", flush=True)
+    for line in sys.stdin:
+        prompt = line.rstrip("\n")
+        if not prompt:
+            continue
+        try:
+            for out in engine.stream(engine.tokenizer.encode(prompt), params):
+                print(out.text_delta, end="", flush=True)
+                if out.finished:
+                    print(f"\n[{out.finish_reason}; {out.usage.completion_tokens} tokens]")
+        except SamplingParamsError as err:
+            print(f"error: {err}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the small embedded checkpoint")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_cmd_make_tiny_model)
+
+    gen = sub.add_parser("generate", help="run the model in this process")
+    gen.add_argument("--model", default=None, help="checkpoint directory (default: embedded)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-ids", help="comma-separated token ids")
+    source.add_argument("--prompts-file", help="one prompt per line, run batched")
+    gen.add_argument("--ids", action="store_true", help="--prompts-file lines are token ids")
+    gen.add_argument("--max-tokens", type=int, required=True)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    gen.add_argument("--dtype", default=None, help="float32 or bfloat16")
+    gen.set_defaults(run=_cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve the model")
+    serve.add_argument("--model", default=None, help="checkpoint directory (default: embedded)")
+    serve.add_argument("--max-tokens", type=int, default=64)
+    serve.add_argument("--temperature", type=float, default=0.0)
+    serve.add_argument("--device", default=None)
+    serve.set_defaults(run=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "ids", False) and getattr(args, "prompts_file", None) is None:
+        raise SystemExit("tandem generate: --ids only applies to --prompts-file")
+    raise SystemExit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Chained block hashes: pinned encoding, chaining, stability across processes."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workers.kv.block_hash import BLOCK_HASH_BYTES, hash_block, hash_prompt_blocks
+
+
+def _reference_hash(parent: bytes | None, tokens: list[int], extra: bytes) -> bytes:
+    """The documented encoding, written out independently with int.to_bytes."""
+    data = b"tandem.kv.block.v1"
+    data += b"\x00" if parent is None else b"\x01" + parent
+    data += len(extra).to_bytes(4, "little") + extra
+    data += len(tokens).to_bytes(4, "little")
+    data += b"".join(t.to_bytes(4, "little") for t in tokens)
+    return hashlib.sha256(data).digest()[:16]
+
+
+def test_matches_documented_encoding():
+    h0 = hash_block(None, [1, 2, 3, 70000], b"salt")
+    assert h0 == _reference_hash(None, [1, 2, 3, 70000], b"salt")
+    h1 = hash_block(h0, [2**32 - 1, 0])
+    assert h1 == _reference_hash(h0, [2**32 - 1, 0], b"")
+    assert len(h1) == BLOCK_HASH_BYTES
+
+
+def test_every_input_changes_the_hash():
+    base = hash_block(None, [5, 6, 7, 8])
+    parent = hash_block(None, [9])
+    variants = {
+        base,
+        hash_block(None, [5, 6, 7, 9]),
+        hash_block(None, [6, 5, 7, 8]),
+        hash_block(None, [5, 6, 7]),
+        hash_block(parent, [5, 6, 7, 8]),
+        hash_block(None, [5, 6, 7, 8], b"x"),
+    }
+    assert len(variants) == 6
+    # An extra of tokens-looking bytes must not alias a longer token list.
+    assert hash_block(None, [1], (2).to_bytes(4, "little")) != hash_block(None, [1, 2])
+
+
+def test_prompt_blocks_are_the_chain_of_full_blocks():
+    tokens = list(range(100, 123))  # 23 tokens, block 8: 2 full blocks + 7 tokens
+    hashes = hash_prompt_blocks(tokens, 8, b"e")
+    h0 = hash_block(None, tokens[0:8], b"e")
+    h1 = hash_block(h0, tokens[8:16], b"e")
+    assert hashes == [h0, h1]
+    assert hash_prompt_blocks(tokens[:7], 8) == []
+    # A longer sequence extends, never rewrites, the chain.
+    assert hash_prompt_blocks(tokens + [1], 8, b"e") == [
+        h0,
+        h1,
+        hash_block(h1, tokens[16:] + [1], b"e"),
+    ]
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="token_ids"):
+        hash_block(None, [-1])
+    with pytest.raises(ValueError, match="token_ids"):
+        hash_block(None, [2**32])
+    with pytest.raises(ValueError, match="parent"):
+        hash_block(b"short", [1])
+    with pytest.raises(ValueError, match="block_size"):
+        hash_prompt_blocks([1, 2], 0)
+
+
+def test_stable_across_processes_and_hash_seeds():
+    code = (
+        "from workers.kv.block_hash import hash_prompt_blocks;"
+        "print(b''.join(hash_prompt_blocks(list(range(40)), 8, b'm')).hex())"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=root)
+        outs.add(subprocess.check_output([sys.executable, "-c", code], env=env, cwd=root).strip())
+    assert outs == {b"".join(hash_prompt_blocks(list(range(40)), 8, b"m")).hex().encode()}

@@ -1,0 +1,397 @@
+"""The engine: the step loop that every worker runs.
+
+    add_request ──> Scheduler (ints, blocks) ──> ModelRunner (tensors) ──> Sampler
+         ^                                                                   │
+         └──────── stop checks, detokenize, stream deltas <───────────────────┘
+
+`LLMEngine` is synchronous and single-threaded: `step()` schedules one batch, runs it,
+samples and returns the deltas of every request that produced something. `stream()`
+and `generate()` are conveniences on top of it. `AsyncLLMEngine` (workers/async_engine.py)
+runs the same loop on a thread for asyncio callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workers.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from workers.kv.cache_manager import KVCacheManager, KVGroup
+from workers.model.config import GptOssConfig
+from workers.model.weights import load_model
+from workers.outputs import Completion, RequestOutput, Timings, TokenLogprob, Usage
+from workers.request import Request, RequestStatus
+from workers.runner import ModelRunner
+from workers.sampler import Sampler, seeded_generator
+from workers.sampling_params import SamplingParams, SamplingParamsError
+from workers.scheduler import Scheduler, SchedulerConfig
+from workers.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # "cpu" or "cuda[:n]"; None picks cuda when present.
+    device: str | None = None
+    # "float32" or "bfloat16"; None: bfloat16 on cuda, float32 on cpu.
+    dtype: str | None = None
+    # Tokens per KV block.
+    block_size: int = 16
+    # Capacity of the full-attention KV cache, in tokens of context across all sequences.
+    kv_cache_tokens: int = 32768
+    # Most sequences in one step.
+    max_num_seqs: int = 64
+    # Token budget of one step (decode tokens first, then prefill chunks).
+    max_num_batched_tokens: int = 1024
+    # Longest prompt + completion; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Reuse cached KV of earlier requests with the same prompt prefix.
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError("EngineConfig.kv_cache_tokens must hold at least one block")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"EngineConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checkpoint says at run time, beyond the architecture."""
+
+    max_model_len: int
+    # Ids that end generation unless the request sets ignore_eos (generation_config's list).
+    eos_token_ids: frozenset[int]
+
+    @staticmethod
+    def read(model_dir: Path, config: GptOssConfig, max_model_len: int | None) -> ModelFacts:
+        eos: list[int] = [config.eos_token_id]
+        gen_path = model_dir / "generation_config.json"
+        if gen_path.exists():
+            try:
+                value = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{gen_path}: not valid JSON ({err})") from err
+            eos = list(value) if isinstance(value, list) else [value]
+        limit = config.max_position_embeddings
+        if max_model_len is not None:
+            limit = min(limit, max_model_len)
+        return ModelFacts(max_model_len=limit, eos_token_ids=frozenset(int(i) for i in eos))
+
+
+_FINISHED = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
+
+
+@dataclass
+class _RequestState:
+    """Engine-side state of one request, beside the scheduler's `Request`."""
+
+    request: Request
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    stop_strings: StopStringMatcher | None
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model,
+        config: GptOssConfig,
+        tokenizer: Tokenizer,
+        facts: ModelFacts,
+        engine_config: EngineConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self.engine_config = engine_config
+        self.device = device
+        ec = engine_config
+        full_blocks = math.ceil(ec.kv_cache_tokens / ec.block_size)
+        blocks = []
+        groups = []
+        for spec in config.kv_groups:
+            if spec.sliding_window is None:
+                blocks.append(full_blocks)
+            else:
+                # A sliding layer keeps only the window (plus the step's chunk) per sequence.
+                per_seq = (
+                    math.ceil((spec.sliding_window + ec.max_num_batched_tokens) / ec.block_size) + 1
+                )
+                blocks.append(min(full_blocks, ec.max_num_seqs * per_seq))
+            groups.append(KVGroup(name=spec.name, sliding_window=spec.sliding_window))
+        self.kv = KVCacheManager(
+            groups, ec.block_size, blocks, enable_prefix_caching=ec.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=ec.max_num_seqs,
+                max_num_batched_tokens=ec.max_num_batched_tokens,
+                block_size=ec.block_size,
+            ),
+            self.kv,
+        )
+        self.runner = ModelRunner(model, blocks, ec.block_size, device, dtype)
+        # Requests without a seed share one generator, seeded from the OS.
+        shared = torch.Generator(device=device)
+        shared.seed()
+        self.sampler = Sampler(shared)
+        self._states: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+        self._generated_tokens = 0
+        self._preemptions = 0
+        self._started = time.monotonic()
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, engine_config: EngineConfig | None = None):
+        ec = engine_config or EngineConfig()
+        device = torch.device(ec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = ec.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = getattr(torch, dtype_name)
+        model_dir = Path(model_dir)
+        model, config = load_model(model_dir, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        facts = ModelFacts.read(model_dir, config, ec.max_model_len)
+        return cls(model, config, tokenizer, facts, ec, device, dtype)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Admit a request; raises SamplingParamsError naming the field when it is invalid."""
+        prompt = [int(t) for t in prompt_token_ids]
+        params.check_against_model(len(prompt), self.facts.max_model_len, self.config.vocab_size)
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                "prompt",
+                bad[0],
+                f"prompt token id {bad[0]} is outside the vocabulary "
+                f"(size {self.config.vocab_size})",
+            )
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._states:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        generator = None
+        if params.seed is not None:
+            generator = seeded_generator(params.seed, self.device)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.facts.eos_token_ids
+        request = Request(request_id, prompt, max_tokens=params.max_tokens, sampling=params)
+        self._states[request_id] = _RequestState(
+            request=request,
+            params=params,
+            generator=generator,
+            stop_ids=frozenset(stop_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stop_strings=StopStringMatcher(params.stop) if params.stop else None,
+            arrival=time.monotonic(),
+        )
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at any point and free its blocks; None if it is not running."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._delta(state, finished=True, reason="abort", text="")
+
+    def has_unfinished(self) -> bool:
+        return bool(self._states)
+
+    # ---------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self._preemptions += len(out.preempted_ids)
+        if not out.scheduled:
+            return []
+        now = time.monotonic()
+        for r in out.scheduled:
+            state = self._states[r.request_id]
+            if state.first_scheduled is None:
+                state.first_scheduled = now
+        logits = self.runner.execute(out)  # [n_sampling, V]
+        sampling = [self._states[r.request_id] for r in out.scheduled if r.needs_sample]
+        sampled: dict[str, int] = {}
+        if sampling:
+            result = self.sampler.sample(
+                logits,
+                [s.params for s in sampling],
+                [s.generator for s in sampling],
+                [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling],
+                [sorted(s.stop_ids) for s in sampling],
+            )
+            tokens = result.token_ids.tolist()
+            for row, state in enumerate(sampling):
+                sampled[state.request.request_id] = tokens[row]
+                row_logprobs = result.logprobs[row]
+                if row_logprobs is not None:
+                    state.pending_logprobs.append(
+                        TokenLogprob(tokens[row], row_logprobs.logprob, row_logprobs.top)
+                    )
+        self.scheduler.update_after_step(out, sampled)
+        now = time.monotonic()
+        outputs = []
+        for request_id, token in sampled.items():
+            state = self._states[request_id]
+            self._generated_tokens += 1
+            state.first_token = state.first_token or now
+            state.last_token = now
+            outputs.append(self._after_token(state, token))
+        return outputs
+
+    def _after_token(self, state: _RequestState, token: int) -> RequestOutput:
+        """Apply the stop rules to a newly sampled token and build the delta."""
+        params = state.params
+        n_out = len(state.request.output_token_ids)
+        reason = None
+        hidden_stop_token = False
+        if token in state.stop_ids and n_out >= params.min_tokens:
+            reason = "stop"
+            hidden_stop_token = True
+        state.pending_ids.append(token)
+        text = "" if hidden_stop_token else state.detokenizer.push([token])
+        # Like stop tokens, stop strings only count once min_tokens have been generated.
+        if state.stop_strings is not None and reason is None and n_out >= params.min_tokens:
+            check = state.stop_strings.feed(text)
+            text = check.text
+            if check.stop is not None:
+                reason = "stop"
+                if params.include_stop_str_in_output:
+                    text += check.stop
+        # The scheduler itself ends a request that reached max_tokens.
+        if reason is None and (state.request.status.is_finished or n_out >= params.max_tokens):
+            reason = "length"
+        if reason is not None:
+            text += self._flush_text(state)
+            self._states.pop(state.request.request_id)
+            if not state.request.status.is_finished:
+                self.scheduler.finish(state.request.request_id, _FINISHED[reason])
+        return self._delta(state, finished=reason is not None, reason=reason, text=text)
+
+    @staticmethod
+    def _flush_text(state: _RequestState) -> str:
+        """Text still held back at the end: an unfinished UTF-8 character, or the start of
+        a stop string that never completed."""
+        matcher = state.stop_strings
+        if matcher is not None and matcher.stopped:
+            return ""  # everything after a stop string is dropped
+        tail = state.detokenizer.flush()
+        if matcher is None:
+            return tail
+        check = matcher.feed(tail)
+        return check.text if check.stop is not None else check.text + matcher.flush()
+
+    def _delta(self, state: _RequestState, finished: bool, reason: str | None, text: str):
+        request = state.request
+        ids, state.pending_ids = tuple(state.pending_ids), []
+        logprobs, state.pending_logprobs = tuple(state.pending_logprobs), []
+        return RequestOutput(
+            request_id=request.request_id,
+            token_ids=ids,
+            text_delta=text,
+            finished=finished,
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=len(request.prompt_token_ids),
+                cached_tokens=request.num_cached_tokens,
+                completion_tokens=len(request.output_token_ids),
+            ),
+            timings=self._timings(state) if finished else None,
+            logprobs=logprobs,
+        )
+
+    @staticmethod
+    def _timings(state: _RequestState) -> Timings:
+        scheduled = state.first_scheduled or state.arrival
+        first = state.first_token or scheduled
+        n = len(state.request.output_token_ids)
+        per_token = (state.last_token - first) / (n - 1) if n > 1 and state.last_token else 0.0
+        return Timings(
+            queue_s=scheduled - state.arrival,
+            prefill_s=first - scheduled,
+            ttft_s=first - state.arrival,
+            per_token_s=per_token,
+        )
+
+    # --------------------------------------------------------------- conveniences
+
+    def stream(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> Iterator[RequestOutput]:
+        """Run one request to the end, yielding its deltas (other requests advance too)."""
+        request_id = self.add_request(prompt_token_ids, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(request_id)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """Run many prompts batched; completions come back in input order."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError("generate: one SamplingParams per prompt, or one for all")
+        # Validate everything before admitting anything, so a bad prompt admits nothing.
+        for prompt, p in zip(prompts, per_prompt, strict=True):
+            p.check_against_model(len(prompt), self.facts.max_model_len, self.config.vocab_size)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, per_prompt, strict=True)]
+        done = {i: Completion(i) for i in ids}
+        remaining = set(ids)
+        while remaining:
+            for out in self.step():
+                if out.request_id in done:
+                    done[out.request_id].absorb(out)
+                    if out.finished:
+                        remaining.discard(out.request_id)
+        return [done[i] for i in ids]
+
+    # ------------------------------------------------------------------- metrics
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return {
+            "running": float(self.scheduler.num_running),
+            "waiting": float(self.scheduler.num_waiting),
+            # The fullest group is the one that limits admission.
+            "kv_usage": max(self.kv.usage),
+            "prefix_hit_rate": self.kv.prefix_stats.hit_rate,
+            "generated_tokens": float(self._generated_tokens),
+            "preemptions": float(self._preemptions),
+            "tokens_per_s": self._generated_tokens / elapsed,
+        }
