@@ -1,0 +1,133 @@
+"""The gpt-oss decoder over a paged KV cache.
+
+    x = embed[tokens]                                    # no sqrt(d) scaling
+    for each layer: x = x + attn(norm(x)); x = x + moe(norm(x))
+    hidden = norm(x)                                     # forward() returns this
+    logits = lm_head(hidden)                             # compute_logits(), untied, no bias
+
+Attention and MoE are pluggable backends (torch references by default); the model owns
+only parameters and the order of operations.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from workers.model.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    TorchPagedAttention,
+    build_attention_metadata,
+)
+from workers.model.config import GptOssConfig
+from workers.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding, empty_parameter
+from workers.model.moe import MoEBackend, TorchMoE
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class GptOssModel(nn.Module):
+    """gpt-oss with uninitialised parameters (fill them with workers.model.weights)."""
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        dtype: torch.dtype = torch.bfloat16,
+        attention: AttentionBackend | None = None,
+        moe: MoEBackend | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point type, got {dtype}")
+        self.config = config
+        self.dtype = dtype
+        self.attention = attention if attention is not None else TorchPagedAttention()
+        self.moe = moe if moe is not None else TorchMoE()
+        d = config.hidden_size
+        self.embed_tokens = empty_parameter((config.vocab_size, d), dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, self.attention, self.moe, dtype, device)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps, dtype, device)
+        self.lm_head = Linear(d, config.vocab_size, False, dtype, device)
+        self.rotary = RotaryEmbedding(config, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_caches: Sequence[KVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions [T] (flattened over sequences) -> final-normed hidden [T, d].
+
+        Writes the new tokens' k/v into kv_caches (one (key, value) pair per layer).
+        """
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"need {len(self.layers)} kv caches, got {len(kv_caches)}")
+        x = nn.functional.embedding(input_ids, self.embed_tokens)  # [T, d]
+        cos, sin = self.rotary(positions)  # [T, D/2] each
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, metadata, kv_cache)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, d] -> logits [N, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def forward_full(self, input_ids: list[int], block_size: int = 16) -> torch.Tensor:
+        """Logits [L, vocab] of one whole prompt through the paged path with a fresh cache."""
+        if not input_ids:
+            raise ValueError("input_ids is empty")
+        length = len(input_ids)
+        num_blocks = math.ceil(length / block_size)
+        groups = self.config.kv_groups
+        kv_caches = allocate_kv_caches(
+            self.config, [num_blocks] * len(groups), block_size, self.dtype, self.device
+        )
+        table = list(range(num_blocks))
+        metadata = build_attention_metadata(
+            [length], [length], [[table] for _ in groups], block_size, self.device
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(length, device=self.device)
+        return self.compute_logits(self.forward(ids, positions, metadata, kv_caches))
+
+
+def allocate_kv_caches(
+    config: GptOssConfig,
+    blocks_per_group: Sequence[int],
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[KVCache]:
+    """Zeroed (key, value) caches per layer, each [blocks of its group, block_size, K, D]."""
+    if len(blocks_per_group) != len(config.kv_groups):
+        raise ValueError(
+            f"blocks_per_group has {len(blocks_per_group)} entries for "
+            f"{len(config.kv_groups)} kv groups"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    caches = []
+    for layer in range(config.num_hidden_layers):
+        num_blocks = blocks_per_group[config.kv_group_of_layer(layer)]
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        caches.append(
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+        )
+    return caches

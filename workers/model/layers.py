@@ -1,0 +1,252 @@
+"""Building blocks of a gpt-oss decoder layer: RMSNorm, YaRN rotary, attention and MoE blocks.
+
+Parameters are allocated empty (never initialised): the weight loader fills them in place,
+tensor by tensor, so a model never exists twice in memory. Module and parameter names
+follow the Hugging Face checkpoint (without its `model.` prefix).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from workers.model.attention import AttentionBackend, AttentionMetadata
+from workers.model.config import GptOssConfig, YarnScaling
+from workers.model.moe import MoEBackend, MoEWeights
+
+
+def empty_parameter(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> nn.Parameter:
+    """An uninitialised, frozen parameter (inference only; uint8 cannot require grad anyway)."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W [out, in]; no initialisation."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.weight = empty_parameter((out_features, in_features), dtype, device)
+        self.bias = empty_parameter((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), in float32, cast back; w is not offset by 1."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.weight = empty_parameter((size,), dtype, device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+def rotary_inv_freq(
+    head_dim: int, theta: float, scaling: YarnScaling | None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] (float32) and the cos/sin multiplier (YaRN mscale).
+
+    YaRN blends, per dimension i, the original frequency 1/f_i with the interpolated
+    1/(s f_i) along a ramp between the dimensions that turn beta_fast and beta_slow times
+    over the original context. With truncate False the ramp ends stay fractional
+    (gpt-oss: 8.09 and 17.40); rounding them to 8 and 18 measurably changes logprobs.
+    """
+    half = head_dim // 2
+    exponent = torch.arange(half, dtype=torch.float64) * 2 / head_dim
+    base_freq = theta**exponent  # f_i, [half]
+    if scaling is None:
+        return (1.0 / base_freq).float(), 1.0
+
+    def correction_dim(rotations: float) -> float:
+        context = scaling.original_max_position_embeddings
+        return half * math.log(context / (rotations * 2 * math.pi)) / math.log(theta)
+
+    low = correction_dim(scaling.beta_fast)
+    high = correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    # Keep the ramp inside the dimensions that exist (as transformers does); gpt-oss' range
+    # is well inside, so this only matters for unusual configs.
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
+    ramp = ((torch.arange(half, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = (1 - ramp) / base_freq + ramp / (scaling.factor * base_freq)
+    return inv_freq.float(), scaling.mscale
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for arbitrary positions, already multiplied by the YaRN mscale."""
+
+    def __init__(self, config: GptOssConfig, device: torch.device | str) -> None:
+        super().__init__()
+        inv_freq, mscale = rotary_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.mscale = mscale
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, head_dim / 2] float32."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        return angles.cos() * self.mscale, angles.sin() * self.mscale
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split (NeoX) rotation of x [T, heads, D] with cos/sin [T, D/2]; float32 math."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [T, heads, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Projections, rotary and sinks of one layer; the paged attention itself is the backend's."""
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        layer: int,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        d, heads, kv_heads, head_dim = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        bias = config.attention_bias
+        self.q_proj = Linear(d, heads * head_dim, bias, dtype, device)
+        self.k_proj = Linear(d, kv_heads * head_dim, bias, dtype, device)
+        self.v_proj = Linear(d, kv_heads * head_dim, bias, dtype, device)
+        self.o_proj = Linear(heads * head_dim, d, bias, dtype, device)
+        self.sinks = empty_parameter((heads,), dtype, device)
+        self.backend = backend
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.group_index = config.kv_group_of_layer(layer)
+        self.sliding_window = config.layer_window(layer)
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x [T, d] (normalised) -> [T, d]."""
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key_cache, value_cache = kv_cache
+        attended = self.backend.forward(
+            q,
+            k,
+            v,
+            key_cache,
+            value_cache,
+            metadata,
+            self.group_index,
+            self.sinks,
+            self.sliding_window,
+            self.scale,
+        )  # [T, H, D]
+        return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class Experts(nn.Module):
+    """Packed MXFP4 expert matrices and their biases (names as in the HF checkpoint)."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        e, d, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        u8 = torch.uint8
+        self.gate_up_proj_blocks = empty_parameter((e, 2 * i, d // 32, 16), u8, device)
+        self.gate_up_proj_scales = empty_parameter((e, 2 * i, d // 32), u8, device)
+        self.gate_up_proj_bias = empty_parameter((e, 2 * i), dtype, device)
+        self.down_proj_blocks = empty_parameter((e, d, i // 32, 16), u8, device)
+        self.down_proj_scales = empty_parameter((e, d, i // 32), u8, device)
+        self.down_proj_bias = empty_parameter((e, d), dtype, device)
+
+
+class MoEBlock(nn.Module):
+    """Router plus experts of one layer; the computation is the MoE backend's."""
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        backend: MoEBackend,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.router = Linear(config.hidden_size, config.num_local_experts, True, dtype, device)
+        self.experts = Experts(config, dtype, device)
+        self.backend = backend
+        self.top_k = config.num_experts_per_tok
+        self.swiglu_limit = config.swiglu_limit
+
+    def weights(self) -> MoEWeights:
+        assert self.router.bias is not None
+        return MoEWeights(
+            router_weight=self.router.weight,
+            router_bias=self.router.bias,
+            gate_up_blocks=self.experts.gate_up_proj_blocks,
+            gate_up_scales=self.experts.gate_up_proj_scales,
+            gate_up_bias=self.experts.gate_up_proj_bias,
+            down_blocks=self.experts.down_proj_blocks,
+            down_scales=self.experts.down_proj_scales,
+            down_bias=self.experts.down_proj_bias,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] (normalised) -> [T, d]."""
+        return self.backend.forward(x, self.weights(), self.top_k, self.swiglu_limit)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + moe(norm(h))."""
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        layer: int,
+        attention: AttentionBackend,
+        moe: MoEBackend,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps, dtype, device)
+        self.self_attn = SelfAttention(config, layer, attention, dtype, device)
+        self.post_attention_layernorm = RMSNorm(d, eps, dtype, device)
+        self.mlp = MoEBlock(config, moe, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x [T, d] -> [T, d]."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, metadata, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
