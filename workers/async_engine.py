@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 
 from workers.engine import LLMEngine
@@ -125,7 +124,11 @@ class AsyncLLMEngine:
             return self.engine.metrics()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop; streams still open end with EngineDeadError instead of waiting."""
         self._stopped = True
         self._wake.set()
-        deadline = time.monotonic() + timeout_s
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread.join(timeout_s)
+        if self._error is None:
+            self._error = RuntimeError("engine shut down")
+        for request_id in list(self._queues):
+            self._deliver_error(request_id, self._error)

@@ -76,7 +76,8 @@ class ModelFacts:
 
     @staticmethod
     def read(model_dir: Path, config: GptOssConfig, max_model_len: int | None) -> ModelFacts:
-        eos: list[int] = [config.eos_token_id]
+        # OpenAI's original/ config names no special ids; generation_config.json does.
+        eos: list[int] = [] if config.eos_token_id is None else [config.eos_token_id]
         gen_path = model_dir / "generation_config.json"
         if gen_path.exists():
             try:

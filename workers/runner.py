@@ -16,11 +16,12 @@ and the logits are taken at the last new token of every sequence that samples.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from workers.model.attention import AttentionMetadata, KVGroupTables
+from workers.model.attention import AttentionMetadata, build_attention_metadata
 from workers.model.gpt_oss import GptOssModel, allocate_kv_caches
 from workers.scheduler import SchedulerOutput
 
@@ -39,50 +40,30 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
+        self.num_groups = len(model.config.kv_groups)
         self.kv_caches = allocate_kv_caches(
             model.config, blocks_per_group, block_size, dtype, device
         )
 
-    def _metadata(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         reqs = out.scheduled
-        ids: list[int] = []
-        positions: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        for r in reqs:
-            ids.extend(r.token_ids)
-            positions.extend(range(r.start_position, r.start_position + r.num_new_tokens))
-            starts.append(starts[-1] + r.num_new_tokens)
-            seq_lens.append(r.start_position + r.num_new_tokens)
-        groups = []
-        for g in range(len(self.model.config.kv_groups)):
-            tables = [r.block_tables[g] for r in reqs]
-            width = max(1, max(len(t) for t in tables))
-            padded = [t + [-1] * (width - len(t)) for t in tables]
-            slots = [s for r in reqs for s in r.slot_ids[g]]
-            groups.append(
-                KVGroupTables(
-                    block_tables=self._tensor(padded, torch.int32),
-                    slot_mapping=self._tensor(slots, torch.int64),
-                )
-            )
-        metadata = AttentionMetadata(
-            query_start_loc=self._tensor(starts, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            groups=tuple(groups),
+        ids = [t for r in reqs for t in r.token_ids]
+        positions = [p for r in reqs for p in range(r.start_position, r.seq_len)]
+        metadata = build_attention_metadata(
+            seq_lens=[r.seq_len for r in reqs],
+            num_new_tokens=[r.num_new_tokens for r in reqs],
+            block_tables=[[r.block_tables[g] for r in reqs] for g in range(self.num_groups)],
+            block_size=self.block_size,
+            device=self.device,
         )
-        return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), metadata
-
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
+        return as_tensor(ids), as_tensor(positions), metadata
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Run the step; return fp32 logits [n_sampling, vocab] in `out.scheduled` order
         of the requests whose `needs_sample` is set."""
-        input_ids, positions, metadata = self._metadata(out)
+        input_ids, positions, metadata = self._inputs(out)
         hidden = self.model(input_ids, positions, metadata, self.kv_caches)  # [T, d]
         last = []
         end = 0
