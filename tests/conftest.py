@@ -19,6 +19,7 @@ if not _has_cuda:
 
 
 import pytest  # noqa: E402
+from redis_fixture import private_redis, redis_server, redis_url  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
