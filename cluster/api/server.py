@@ -1,0 +1,410 @@
+"""The gRPC server: service tandem.v1.Tandem over a GenerationBackend (grpc.aio).
+
+    request ─> ApiKeyInterceptor ─> TandemServicer ─> convert (validate, tokenize)
+                                         │
+                                         └─> backend.generate ─> chunks ─> context.write
+
+Streaming handlers write with `context.write` from one coroutine instead of being async
+generators: a client cancel or the deadline then lands as an exception inside our own
+frames, and `aclosing` closes the backend stream right there (which aborts the request
+and frees its KV blocks). An async-generator handler left suspended at `yield` would be
+closed only whenever it is garbage-collected.
+
+Status codes: INVALID_ARGUMENT names the field in the message and in the trailing
+metadata key `tandem-field`; RESOURCE_EXHAUSTED when the backend's queue is full;
+DEADLINE_EXCEEDED at the call's deadline; UNAVAILABLE when the backend is down;
+UNAUTHENTICATED without the configured API key (Health excepted, for probes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from cluster.api import DEFAULT_GRPC_PORT, convert
+from cluster.api.backend import (
+    BackendUnavailable,
+    GenerationBackend,
+    GenerationDelta,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFull,
+)
+from cluster.api.gen import tandem_pb2 as pb
+from cluster.api.gen import tandem_pb2_grpc
+from workers.harmony import render_conversation
+from workers.sampling_params import SamplingParams, SamplingParamsError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "tandem.v1.Tandem"
+# Methods callable without the API key: liveness/readiness probes carry no secrets.
+UNAUTHENTICATED_METHODS = frozenset({f"/{SERVICE_NAME}/Health"})
+FIELD_METADATA_KEY = "tandem-field"
+
+
+class DeadlineExceeded(Exception):
+    """The call's deadline passed while its stream was running."""
+
+
+Chunk = TypeVar("Chunk", pb.GenerateChunk, pb.ChatChunk)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    # Address to bind; "0.0.0.0" or "[::]" to accept remote clients.
+    port: int = DEFAULT_GRPC_PORT
+    # 0 picks a free port (see TandemServer.port).
+    api_key: str | None = field(default=None, repr=False)
+    # When set, every method but Health needs "authorization: Bearer <key>". Kept out
+    # of repr so it never reaches a log line.
+    health_timeout_s: float = 5.0
+    # Health answers NOT_SERVING when the backend's check takes longer than this.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Largest request accepted (bounds prompt text, conversation, stop lists).
+    tls_cert_file: Path | None = None
+    # PEM certificate chain; with tls_key_file, the server speaks TLS only.
+    tls_key_file: Path | None = None
+    # PEM private key of tls_cert_file.
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("ServerConfig.host must be non-empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
+            # Keys travel in a header: surrounding whitespace would never match.
+            raise ValueError("ServerConfig.api_key must be non-empty without surrounding spaces")
+        if not (math.isfinite(self.health_timeout_s) and self.health_timeout_s > 0):
+            raise ValueError(
+                f"ServerConfig.health_timeout_s must be positive, got {self.health_timeout_s}"
+            )
+        if self.max_message_bytes < 1024:
+            raise ValueError(
+                f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes}"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("ServerConfig.tls_cert_file and tls_key_file go together")
+
+
+# ------------------------------------------------------------------------------ auth
+
+
+def bearer_token_matches(metadata: grpc.aio.Metadata | None, api_key: str) -> bool:
+    """Whether the call's `authorization` header is "Bearer <api_key>" (constant time)."""
+    value: str | bytes | None = None
+    for key, v in metadata or ():
+        if key.lower() == "authorization":
+            value = v
+            break
+    if value is None:
+        return False
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    scheme, _, token = raw.partition(b" ")
+    # Compare even when the scheme is wrong, so timing says nothing about the token.
+    token_ok = hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
+    return scheme.lower() == b"bearer" and token_ok
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every method except UNAUTHENTICATED_METHODS without the API key."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in UNAUTHENTICATED_METHODS:
+            return handler
+        if bearer_token_matches(handler_call_details.invocation_metadata, self._api_key):
+            return handler
+        return _refusing_handler(handler)
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse, **codecs)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, **codecs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, **codecs)
+    return grpc.stream_stream_rpc_method_handler(refuse, **codecs)
+
+
+# --------------------------------------------------------------------------- service
+
+
+class TandemServicer(tandem_pb2_grpc.TandemServicer):
+    def __init__(self, backend: GenerationBackend, config: ServerConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self._text_limit = convert.max_prompt_bytes(backend.tokenizer, backend.models[0])
+
+    async def Generate(  # noqa: N802 - gRPC method names are CamelCase
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def body() -> None:
+            model = self.backend.models[0]
+            # Tokenizing releases the GIL: a long prompt does not stall other streams.
+            prompt = await asyncio.to_thread(
+                convert.prompt_token_ids, request, self.backend.tokenizer, model, self._text_limit
+            )
+            params = convert.sampling_params(request.params)
+            gen = self._request(request.request_id, prompt, params, context)
+            await self._stream(gen, convert.generate_chunk, context)
+
+        await self._answer(body, context)
+
+    async def Chat(  # noqa: N802
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def body() -> None:
+            tokenizer = self.backend.tokenizer
+            conv = convert.conversation(request, self._text_limit)
+            prompt = await asyncio.to_thread(render_conversation, conv, tokenizer)
+            params = convert.chat_sampling_params(request.params, tokenizer)
+            gen = self._request(request.request_id, prompt, params, context)
+            splitter = convert.ChatStreamSplitter(tokenizer)
+            await self._stream(gen, splitter.chunk, context)
+
+        await self._answer(body, context)
+
+    async def Health(  # noqa: N802
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        timeout = self.config.health_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                status = await self.backend.check_health()
+        except TimeoutError:
+            return _not_serving(f"the backend's health check took longer than {timeout} s")
+        except Exception as err:  # a failing check is an unhealthy backend, not a crash
+            log.warning("health check failed: %r", err)
+            return _not_serving(f"health check failed: {type(err).__name__}")
+        if not status.serving:
+            return _not_serving(status.detail)
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING)
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(m) for m in self.backend.models])
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _request(
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        context: grpc.aio.ServicerContext,
+    ) -> GenerationRequest:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + max(0.0, remaining)
+        return GenerationRequest(
+            request_id=convert.request_id(rid),
+            prompt_token_ids=tuple(prompt),
+            params=params,
+            deadline=deadline,
+        )
+
+    async def _stream(
+        self,
+        request: GenerationRequest,
+        to_chunk: Callable[[GenerationDelta], Chunk],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Run the request on the backend and write one chunk per delta, until the last
+        delta or the deadline (DeadlineExceeded). Leaving this function by any path closes
+        the backend stream, which aborts the request there."""
+        loop = asyncio.get_running_loop()
+        when = None
+        if request.deadline is not None:
+            when = loop.time() + (request.deadline - time.monotonic())
+        stream: AsyncGenerator[GenerationDelta, None] = self.backend.generate(request)
+        timeout = asyncio.timeout_at(when)
+        try:
+            async with timeout, aclosing(stream):
+                async for delta in stream:
+                    await context.write(to_chunk(delta))
+                    if delta.output.finished:
+                        return
+        except TimeoutError:
+            if timeout.expired():
+                raise DeadlineExceeded from None
+            raise
+
+    async def _answer(
+        self, body: Callable[[], Awaitable[None]], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Run a streaming handler body, turning our exceptions into status codes."""
+        try:
+            await body()
+        except (SamplingParamsError, InvalidRequestError) as err:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                _field_message(err.field, str(err)),
+                trailing_metadata=((FIELD_METADATA_KEY, err.field),),
+            )
+        except QueueFull as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except BackendUnavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except DeadlineExceeded:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse (the handler refuses it)."""
+
+    error: str
+
+
+def _lenient(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    """A request deserializer that returns MalformedRequest instead of raising: grpc
+    would answer a parse error with UNKNOWN and the exception text."""
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as err:
+            return MalformedRequest(str(err))
+
+    return deserialize
+
+
+def _guarded(method: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+    async def handler(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, MalformedRequest):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: not a valid protobuf message ({request.error})",
+                trailing_metadata=((FIELD_METADATA_KEY, "request"),),
+            )
+        return await method(request, context)
+
+    return handler
+
+
+def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
+    """Register every method of the service (what the generated add_TandemServicer_to_
+    server does), with request bytes that fail to parse answered by INVALID_ARGUMENT."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Tandem"].methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            _guarded(getattr(servicer, method.name)),
+            request_deserializer=_lenient(request_cls.FromString),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _field_message(field_name: str, message: str) -> str:
+    return message if message.startswith(field_name) else f"{field_name}: {message}"
+
+
+def _not_serving(detail: str) -> pb.HealthResponse:
+    return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, detail=detail)
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class TandemServer:
+    """A started grpc.aio server. Create with `await TandemServer.start(backend, config)`."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig) -> None:
+        self._server = server
+        self.port = port
+        self.config = config
+
+    @property
+    def target(self) -> str:
+        """host:port for clients on this machine."""
+        host = self.config.host
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @classmethod
+    async def start(cls, backend: GenerationBackend, config: ServerConfig) -> TandemServer:
+        interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        _add_service(server, TandemServicer(backend, config))
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind the gRPC server to {address}")
+        await server.start()
+        tls = config.tls_cert_file is not None
+        if config.api_key and not tls and config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("the API key travels in plaintext: serve with TLS beyond loopback")
+        log.info("tandem gRPC API on %s (auth %s)", address, "on" if config.api_key else "off")
+        return cls(server, port, config)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace_s: float | None = 5.0) -> None:
+        """Stop accepting calls; running streams get `grace_s` seconds to finish."""
+        await self._server.stop(grace_s)
+
+
+async def serve(backend: GenerationBackend, config: ServerConfig) -> None:
+    """Serve until cancelled (the entry point of `tandem serve`'s gRPC front)."""
+    server = await TandemServer.start(backend, config)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop()
+        await backend.close()
