@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 from workers.engine import LLMEngine
 from workers.outputs import RequestOutput
 from workers.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -83,13 +86,37 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas; raises SamplingParamsError before anything runs when
         the request is invalid. Leaving the loop early aborts the request."""
+        request_id = self.call(lambda e: e.add_request(prompt_token_ids, params, request_id))
+        async for out in self.stream(request_id):
+            yield out
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) between steps, on the caller's thread, and wake the loop.
+
+        For requests fn admits, call it from a coroutine: their streams (see `stream`)
+        are registered in the same critical section, so no delta can be missed.
+        """
         if self._error is not None:
             raise EngineDeadError(f"engine failed: {self._error!r}")
-        queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            request_id = self.engine.add_request(prompt_token_ids, params, request_id)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+            known = set(self.engine.running_ids())
+            result = fn(self.engine)
+            for request_id in self.engine.running_ids() - known:
+                self._queues[request_id] = (asyncio.get_running_loop(), asyncio.Queue())
         self._wake.set()
+        return result
+
+    def deliver(self, out: RequestOutput) -> None:
+        """Hand a delta made outside the loop (complete_remote's first token) to its stream."""
+        self._deliver(out)
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The deltas of a request admitted through `call`, until it finishes; leaving
+        early aborts it."""
+        entry = self._queues.get(request_id)
+        if entry is None:
+            raise KeyError(f"no open stream for request {request_id!r}")
+        queue = entry[1]
         finished = False
         try:
             while True:

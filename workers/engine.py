@@ -29,10 +29,11 @@ from workers.model.weights import load_model
 from workers.outputs import Completion, RequestOutput, Timings, TokenLogprob, Usage
 from workers.request import Request, RequestStatus
 from workers.runner import ModelRunner
-from workers.sampler import Sampler, seeded_generator
+from workers.sampler import Sampler, advance_generator, seeded_generator
 from workers.sampling_params import SamplingParams, SamplingParamsError
-from workers.scheduler import Scheduler, SchedulerConfig
+from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.tokenizer import Tokenizer
+from workers.transfer import KVSender, KVSendTransfer, TransferTicket
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,18 @@ class ModelFacts:
         return ModelFacts(max_model_len=limit, eos_token_ids=frozenset(int(i) for i in eos))
 
 
+@dataclass(frozen=True)
+class RemoteSlot:
+    """Blocks a decode request reserved for prompt KV computed elsewhere."""
+
+    request_id: str
+    # Prompt tokens already cached here: the sender skips them.
+    num_cached_tokens: int
+    # Per KV group: logical block indices to fill, and this worker's block for each.
+    logical_blocks: tuple[tuple[int, ...], ...]
+    dest_block_ids: tuple[tuple[int, ...], ...]
+
+
 _FINISHED = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
 
@@ -108,6 +121,8 @@ class _RequestState:
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    # Prefill role: where the prompt's KV goes, until its transfer starts.
+    ticket: TransferTicket | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -128,6 +143,7 @@ class LLMEngine:
         self.facts = facts
         self.engine_config = engine_config
         self.device = device
+        self.dtype = dtype
         ec = engine_config
         full_blocks = math.ceil(ec.kv_cache_tokens / ec.block_size)
         blocks = []
@@ -158,6 +174,7 @@ class LLMEngine:
         shared = torch.Generator(device=device)
         shared.seed()
         self.sampler = Sampler(shared)
+        self.kv_sender: KVSender | None = None
         self._states: dict[str, _RequestState] = {}
         self._ids = itertools.count()
         self._generated_tokens = 0
@@ -185,6 +202,85 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> str:
         """Admit a request; raises SamplingParamsError naming the field when it is invalid."""
+        state = self._new_state(prompt_token_ids, params, request_id, prefill_only=False)
+        return self._admit(state, self.scheduler.add)
+
+    def add_prefill_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        ticket: TransferTicket,
+    ) -> str:
+        """Prefill-only role: compute the prompt, sample the first token, and push the KV
+        blocks the ticket names to the decode worker, layer by layer, in the step that
+        completes the prompt. The request then ends (finish reason "length") and its
+        blocks are released (they stay in the prefix cache)."""
+        if self.kv_sender is None:
+            raise RuntimeError("this engine has no KV sender (attach_kv_sender)")
+        if ticket.sender_id != self.kv_sender.sender_id:
+            raise ValueError(
+                f"ticket is for sender {ticket.sender_id!r}, this is {self.kv_sender.sender_id!r}"
+            )
+        state = self._new_state(prompt_token_ids, params, request_id, prefill_only=True)
+        state.ticket = ticket
+        return self._admit(state, self.scheduler.add)
+
+    def add_remote_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+    ) -> RemoteSlot | None:
+        """Decode role: reserve blocks for the whole prompt (reusing the cached prefix) for
+        KV that another worker computes. Returns the blocks to fill, or None when the
+        blocks are not free (use add_request then). Follow with complete_remote or
+        fail_remote."""
+        state = self._new_state(prompt_token_ids, params, request_id, prefill_only=False)
+        request = state.request
+        admitted = self._admit(state, self.scheduler.add_remote)
+        if admitted is None:
+            return None
+        bs = self.engine_config.block_size
+        n_blocks = -(-request.num_prompt_tokens // bs)
+        logical: list[tuple[int, ...]] = []
+        dest: list[tuple[int, ...]] = []
+        for g, spec in enumerate(self.config.kv_groups):
+            first = request.num_cached_tokens // bs
+            if spec.sliding_window is not None:
+                # The first decode step reads positions > prompt_len - window only.
+                first = max(first, (request.num_prompt_tokens - spec.sliding_window + 1) // bs)
+            table = self.kv.block_table(request, g)
+            logical.append(tuple(range(first, n_blocks)))
+            dest.append(tuple(table[i] for i in range(first, n_blocks)))
+        return RemoteSlot(
+            request.request_id, request.num_cached_tokens, tuple(logical), tuple(dest)
+        )
+
+    def complete_remote(self, request_id: str, first_token: int) -> RequestOutput:
+        """The prompt KV arrived with the first token: stream it and decode on."""
+        state = self._states[request_id]
+        now = time.monotonic()
+        state.first_scheduled = state.first_scheduled or now
+        self.scheduler.remote_arrived(request_id, first_token)
+        if state.generator is not None and not state.params.is_greedy:
+            advance_generator(state.generator, self.config.vocab_size, self.device)
+        self._generated_tokens += 1
+        state.first_token = state.last_token = now
+        return self._after_token(state, first_token)
+
+    def fail_remote(self, request_id: str) -> None:
+        """The KV never arrived: prefill the uncached prompt locally instead."""
+        if request_id in self._states:
+            self.scheduler.remote_failed(request_id)
+
+    def _new_state(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None,
+        prefill_only: bool,
+    ) -> _RequestState:
         prompt = [int(t) for t in prompt_token_ids]
         params.check_against_model(len(prompt), self.facts.max_model_len, self.config.vocab_size)
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
@@ -204,8 +300,14 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.facts.eos_token_ids
-        request = Request(request_id, prompt, max_tokens=params.max_tokens, sampling=params)
-        self._states[request_id] = _RequestState(
+        request = Request(
+            request_id,
+            prompt,
+            max_tokens=params.max_tokens,
+            sampling=params,
+            prefill_only=prefill_only,
+        )
+        return _RequestState(
             request=request,
             params=params,
             generator=generator,
@@ -214,19 +316,45 @@ class LLMEngine:
             stop_strings=StopStringMatcher(params.stop) if params.stop else None,
             arrival=time.monotonic(),
         )
-        self.scheduler.add(request)
+
+    def _admit(self, state: _RequestState, admit) -> str | None:
+        """Register the state and hand the request to the scheduler (`add`, `add_remote`);
+        nothing stays registered when the scheduler refuses it."""
+        request_id = state.request.request_id
+        self._states[request_id] = state
+        try:
+            admitted = admit(state.request)
+        except BaseException:
+            del self._states[request_id]
+            raise
+        if admitted is False:
+            del self._states[request_id]
+            return None
         return request_id
+
+    def attach_kv_sender(self, sender: KVSender) -> None:
+        """Prefill role: the endpoint that pushes this engine's KV blocks to decode workers."""
+        self.kv_sender = sender
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request at any point and free its blocks; None if it is not running."""
         state = self._states.pop(request_id, None)
         if state is None:
             return None
+        if state.ticket is not None and self.kv_sender is not None:
+            # Transfers of a pair go in sequence order: a ticket that never starts would
+            # hold the pair's later transfers back until its deadline. Say it is abandoned.
+            placeholder = [[0] * len(g) for g in state.ticket.logical_blocks]
+            self.kv_sender.begin(state.ticket, placeholder).abandon("request aborted")
         self.scheduler.abort(request_id)
         return self._delta(state, finished=True, reason="abort", text="")
 
     def has_unfinished(self) -> bool:
         return bool(self._states)
+
+    def running_ids(self) -> set[str]:
+        """Ids of the requests admitted and not yet finished."""
+        return set(self._states)
 
     # ---------------------------------------------------------------------- step
 
@@ -240,7 +368,15 @@ class LLMEngine:
             state = self._states[r.request_id]
             if state.first_scheduled is None:
                 state.first_scheduled = now
-        logits = self.runner.execute(out)  # [n_sampling, V]
+        transfers = self._begin_transfers(out)
+        after_layer = None
+        if transfers:
+
+            def after_layer(layer: int) -> None:
+                for transfer in transfers.values():
+                    transfer.send_layer(layer)
+
+        logits = self.runner.execute(out, after_layer)  # [n_sampling, V]
         sampling = [self._states[r.request_id] for r in out.scheduled if r.needs_sample]
         sampled: dict[str, int] = {}
         if sampling:
@@ -259,6 +395,9 @@ class LLMEngine:
                     state.pending_logprobs.append(
                         TokenLogprob(tokens[row], row_logprobs.logprob, row_logprobs.top)
                     )
+        for request_id, transfer in transfers.items():
+            request = self._states[request_id].request
+            transfer.finish(sampled[request_id], {"cached_tokens": request.num_cached_tokens})
         self.scheduler.update_after_step(out, sampled)
         now = time.monotonic()
         outputs = []
@@ -269,6 +408,21 @@ class LLMEngine:
             state.last_token = now
             outputs.append(self._after_token(state, token))
         return outputs
+
+    def _begin_transfers(self, out: SchedulerOutput) -> dict[str, KVSendTransfer]:
+        """Start the KV transfers of prefill-only requests whose prompt completes now."""
+        transfers = {}
+        for r in out.scheduled:
+            state = self._states[r.request_id]
+            if not r.needs_sample or state.ticket is None:
+                continue
+            src = [
+                [r.block_tables[g][i] for i in logical]
+                for g, logical in enumerate(state.ticket.logical_blocks)
+            ]
+            transfers[r.request_id] = self.kv_sender.begin(state.ticket, src)
+            state.ticket = None
+        return transfers
 
     def _after_token(self, state: _RequestState, token: int) -> RequestOutput:
         """Apply the stop rules to a newly sampled token and build the delta."""
@@ -297,6 +451,9 @@ class LLMEngine:
             self._states.pop(state.request.request_id)
             if not state.request.status.is_finished:
                 self.scheduler.finish(state.request.request_id, _FINISHED[reason])
+            if state.request.prefill_only:
+                # Its transfer finished packing in this step: the blocks may go.
+                self.scheduler.release(state.request.request_id)
         return self._delta(state, finished=reason is not None, reason=reason, text=text)
 
     @staticmethod
@@ -388,6 +545,8 @@ class LLMEngine:
         elapsed = max(time.monotonic() - self._started, 1e-9)
         return {
             "running": float(self.scheduler.num_running),
+            # Prompt tokens admitted but not yet computed (prefill work still queued).
+            "queued_prompt_tokens": float(self.scheduler.queued_prompt_tokens),
             "waiting": float(self.scheduler.num_waiting),
             # The fullest group is the one that limits admission.
             "kv_usage": max(self.kv.usage),

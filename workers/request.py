@@ -24,6 +24,8 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    # Holds blocks for its whole prompt while the prompt's KV is computed on another worker.
+    AWAITING_REMOTE_KV = "awaiting_remote_kv"
     # Finished states: the scheduler no longer schedules the request.
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"

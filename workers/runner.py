@@ -17,7 +17,7 @@ and the logits are taken at the last new token of every sequence that samples.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -60,11 +60,14 @@ class ModelRunner:
         return as_tensor(ids), as_tensor(positions), metadata
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(
+        self, out: SchedulerOutput, after_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         """Run the step; return fp32 logits [n_sampling, vocab] in `out.scheduled` order
-        of the requests whose `needs_sample` is set."""
+        of the requests whose `needs_sample` is set. after_layer(i) runs once layer i's
+        KV is in the cache."""
         input_ids, positions, metadata = self._inputs(out)
-        hidden = self.model(input_ids, positions, metadata, self.kv_caches)  # [T, d]
+        hidden = self.model(input_ids, positions, metadata, self.kv_caches, after_layer)  # [T, d]
         last = []
         end = 0
         for r in out.scheduled:

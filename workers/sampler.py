@@ -241,6 +241,15 @@ def exponential_race(
     return (probs / races).argmax(dim=-1)
 
 
+def advance_generator(generator: torch.Generator, vocab_size: int, device) -> None:
+    """Consume the draws `exponential_race` makes for one row, without sampling.
+
+    A seeded request whose first token was sampled on another worker (disaggregated
+    prefill) keeps the same random stream as if it had been sampled here.
+    """
+    torch.empty(vocab_size, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
 def gather_logprobs(
     raw_logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
 ) -> list[TokenLogprobs | None]:

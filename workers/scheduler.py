@@ -140,6 +140,8 @@ class Scheduler:
         # Every request not yet forgotten: waiting, running, or finished holding blocks.
         self._requests: dict[str, Request] = {}
         self._held: dict[str, Request] = {}
+        # Decode requests whose prompt KV is being computed elsewhere (see add_remote).
+        self._parked: dict[str, Request] = {}
         self._finished_ids: list[str] = []
 
     # ---- queries ----------------------------------------------------------------------
@@ -156,6 +158,14 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def queued_prompt_tokens(self) -> int:
+        """Prompt tokens of waiting and running requests not computed yet."""
+        return sum(
+            max(0, r.num_prompt_tokens - r.num_computed_tokens)
+            for r in (*self.waiting, *self.running)
+        )
+
     def get(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
 
@@ -163,6 +173,54 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a new request. Raises ValueError for one that could never run."""
+        self._check_new(request)
+        self._requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def add_remote(self, request: Request) -> bool:
+        """Admit a decode request whose prompt KV another worker computes.
+
+        Allocates blocks for the whole prompt now, reusing this worker's cached prefix
+        (request.num_cached_tokens says how much), and parks the request outside the
+        queues until `remote_arrived` or `remote_failed`. False, with nothing changed,
+        when the blocks are not free: the caller then queues it with `add` instead.
+        """
+        self._check_new(request)
+        cached = self.kv.find_cached_prefix(request)
+        request.num_computed_tokens = cached
+        if not self.kv.can_allocate(request, request.num_tokens - cached):
+            request.num_computed_tokens = 0
+            return False
+        self.kv.allocate(request, request.num_tokens - cached)
+        request.num_cached_tokens = cached
+        request.status = RequestStatus.AWAITING_REMOTE_KV
+        self._requests[request.request_id] = request
+        self._parked[request.request_id] = request
+        return True
+
+    def remote_arrived(self, request_id: str, first_token: int) -> None:
+        """The prompt's KV is in this worker's blocks: decode from `first_token` on.
+
+        Sliding-group blocks that lie before the window were not sent: they are released
+        before anything is indexed, so their stale contents never enter the prefix cache.
+        """
+        request = self._parked.pop(request_id)
+        request.num_computed_tokens = request.num_tokens
+        request.status = RequestStatus.RUNNING
+        self.kv.release_out_of_window(request)
+        self.kv.cache_full_blocks(request)
+        request.append_output_token(first_token)
+        self.running.append(request)
+        if request.num_output_tokens >= request.max_tokens:
+            self.finish(request_id, RequestStatus.FINISHED_LENGTH)
+
+    def remote_failed(self, request_id: str) -> None:
+        """The transfer failed: prefill the uncached prompt here, in the blocks it holds."""
+        request = self._parked.pop(request_id)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _check_new(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request {request.request_id} already exists")
         if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
@@ -178,8 +236,6 @@ class Scheduler:
             raise ValueError(
                 f"request {request.request_id}: {max_len} tokens cannot fit the KV cache"
             )
-        self._requests[request.request_id] = request
-        self.waiting.append(request)
 
     def finish(
         self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED
@@ -200,6 +256,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self._parked.pop(request_id, None)
         request.status = status
         self._finished_ids.append(request_id)
         if request.prefill_only and status is not RequestStatus.FINISHED_ABORTED:

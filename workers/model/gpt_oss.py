@@ -10,7 +10,7 @@ only parameters and the order of operations.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,17 +67,22 @@ class GptOssModel(nn.Module):
         positions: torch.Tensor,
         metadata: AttentionMetadata,
         kv_caches: Sequence[KVCache],
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [T] (flattened over sequences) -> final-normed hidden [T, d].
 
-        Writes the new tokens' k/v into kv_caches (one (key, value) pair per layer).
+        Writes the new tokens' k/v into kv_caches (one (key, value) pair per layer), and
+        calls after_layer(i) once layer i's k/v are in the cache (KV transfer sends each
+        layer while the next one computes).
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} kv caches, got {len(kv_caches)}")
         x = nn.functional.embedding(input_ids, self.embed_tokens)  # [T, d]
         cos, sin = self.rotary(positions)  # [T, D/2] each
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             x = layer(x, cos, sin, metadata, kv_cache)
+            if after_layer is not None:
+                after_layer(index)
         return self.norm(x)
 
     @torch.inference_mode()
