@@ -1,0 +1,171 @@
+"""Triton code of the MXFP4 mixture-of-experts (private; the public entry is kernels/moe.py).
+
+Two grouped GEMMs over token/expert pairs sorted by expert. A program owns one block of
+BLOCK_M sorted pairs (all of one expert, padding rows marked by the sentinel pair id
+`num_pairs`) and BLOCK_N output columns. Weights are read as packed MXFP4 bytes plus
+E8M0 scales and decoded in registers just before the dot: nothing dequantised ever
+reaches device memory.
+
+Packed weight row (one output row n of expert e, K inputs, G = K / 32 groups):
+
+    blocks[e, n]: | g0: 16 bytes | g1: 16 bytes | ... |   byte b: low nibble = elem 2b,
+    scales[e, n]: | s0 | s1 | ...                    |           high nibble = elem 2b+1
+
+A tile of BLOCK_K inputs is BLOCK_K / 2 bytes per row. Rather than interleaving the low
+and high nibbles back into one [N, BLOCK_K] weight tile, each K step splits the (smaller)
+activation tile into even and odd inputs and does two dots: even inputs against the low
+nibbles, odd inputs against the high ones.
+"""
+
+import triton
+import triton.language as tl
+
+# Doubled E2M1 magnitudes [0, 0.5, 1, 1.5, 2, 3, 4, 6] * 2 = [0, 1, 2, 3, 4, 6, 8, 12],
+# one per 4-bit lane: a 16-entry table lookup becomes a shift and a mask.
+_E2M1_DOUBLED_LUT = tl.constexpr(0xC8643210)
+
+
+@triton.jit
+def _decode_e2m1(nibble):
+    """E2M1 code (int32, 0..15) -> fp32 value times 2 (exact)."""
+    lut = tl.full(nibble.shape, _E2M1_DOUBLED_LUT, tl.uint32)
+    magnitude2 = (lut >> ((nibble & 7) * 4).to(tl.uint32)) & 15
+    bits = magnitude2.to(tl.float32).to(tl.int32, bitcast=True) | ((nibble & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, k0, row_bytes, groups,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decoded weights of `rows` x inputs [k0, k0 + BLOCK_K): (even inputs, odd inputs), fp32.
+
+    rows: [BN] int64 global row indices (expert * rows_per_expert + n). row_bytes = K / 2 and
+    groups = K / 32 are passed from the tensors' strides so that Triton sees their
+    divisibility and vectorises the byte loads.
+    """
+    byte_offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)                      # [KH]
+    packed = tl.load(blocks_ptr + rows[:, None] * row_bytes + byte_offs[None, :],
+                     mask=row_mask[:, None] & (byte_offs < row_bytes)[None, :],
+                     other=0).to(tl.int32)                                  # [BN, KH]
+    group_offs = k0 // 32 + tl.arange(0, BLOCK_K // 32)                    # [KG]
+    scale_byte = tl.load(scales_ptr + rows[:, None] * groups + group_offs[None, :],
+                         mask=row_mask[:, None] & (group_offs < groups)[None, :],
+                         other=1).to(tl.int32)                              # [BN, KG]
+    # 2^(s - 128) built from its exponent bits: it undoes the doubled LUT. Scale bytes 0 and
+    # 1 (values under 2^-126) flush to zero, far below anything bf16 activations resolve.
+    scale = ((scale_byte - 1) << 23).to(tl.float32, bitcast=True)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)),
+                       (BLOCK_N, BLOCK_K // 2))                             # 16 bytes per group
+    even = _decode_e2m1(packed & 15) * scale
+    odd = _decode_e2m1(packed >> 4) * scale
+    return even, odd
+
+
+@triton.jit
+def _load_even_odd(ptr, rows, row_mask, stride, k0, K, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Activations [rows, k0 : k0 + BLOCK_K] read contiguously, split into (even, odd) inputs."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(ptr + rows[:, None] * stride + offs[None, :],
+                mask=row_mask[:, None] & (offs < K)[None, :], other=0.0)    # [BM, BK]
+    return tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+
+
+@triton.jit
+def _dot(a, b_t, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b_t^T. b_t holds fp32 weights; a holds activations (bf16, fp16 or fp32).
+
+    E2M1 times a power of two is exact in bf16, so casting the weights to a's dtype loses
+    nothing. DOT_FP32 runs the dot on fp32 copies instead: the CPU interpreter cannot
+    multiply bf16 (numpy has no such type); the values, and so the result, are the same.
+    """
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), tl.trans(b_t), acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, tl.trans(b_t.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _gate_up_swiglu_kernel(
+    x_ptr, blocks_ptr, scales_ptr, bias_ptr, act_ptr,
+    pair_ids_ptr, block_expert_ptr,
+    num_pairs, d_model, d_ff, row_bytes, groups, stride_x, stride_act,
+    swiglu_limit, alpha,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """act[pair, j] = swiglu(x[token] . W1[e, 2j] + b1[e, 2j], x[token] . W1[e, 2j+1] + ...)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return  # beyond the last padded block of the last expert
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(pair_ids_ptr + rows)                      # [BM] flat (token, slot) ids
+    row_valid = pairs < num_pairs
+    tokens = (pairs // TOP_K).to(tl.int64)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)            # [BN] activation columns j
+    col_valid = cols < d_ff
+    gate_rows = expert.to(tl.int64) * 2 * d_ff + 2 * cols      # even weight rows: gate
+    up_rows = gate_rows + 1                                   # odd weight rows: up
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_model, BLOCK_K):
+        x_even, x_odd = _load_even_odd(x_ptr, tokens, row_valid, stride_x, k0, d_model,
+                                       BLOCK_M, BLOCK_K)                    # [BM, BK/2] each
+        g_even, g_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, gate_rows, col_valid, k0,
+                                         row_bytes, groups, BLOCK_N, BLOCK_K)
+        u_even, u_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, up_rows, col_valid, k0,
+                                         row_bytes, groups, BLOCK_N, BLOCK_K)
+        acc_gate = _dot(x_even, g_even, acc_gate, DOT_FP32, DOT_PRECISION)
+        acc_gate = _dot(x_odd, g_odd, acc_gate, DOT_FP32, DOT_PRECISION)
+        acc_up = _dot(x_even, u_even, acc_up, DOT_FP32, DOT_PRECISION)
+        acc_up = _dot(x_odd, u_odd, acc_up, DOT_FP32, DOT_PRECISION)
+
+    gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=col_valid, other=0.0).to(tl.float32)[
+        None, :]
+    up = acc_up + tl.load(bias_ptr + up_rows, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+    gate = tl.minimum(gate, swiglu_limit)
+    up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit)
+    act = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    # Padding rows are written too (finite: swiglu of the bias); the down GEMM ignores them.
+    out = act_ptr + rows.to(tl.int64)[:, None] * stride_act + cols[None, :]
+    tl.store(out, act.to(act_ptr.dtype.element_ty), mask=col_valid[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    act_ptr, blocks_ptr, scales_ptr, bias_ptr, route_weight_ptr, y_ptr,
+    pair_ids_ptr, block_expert_ptr,
+    num_pairs, d_model, d_ff, row_bytes, groups, stride_act, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """y[pair, n] = w_pair * (act[pair] . W2[e, n] + b2[e, n]), one row per (token, slot)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(pair_ids_ptr + rows)
+    row_valid = pairs < num_pairs
+    act_rows = rows.to(tl.int64)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)            # [BN] model dims
+    col_valid = cols < d_model
+    w_rows = expert.to(tl.int64) * d_model + cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_ff, BLOCK_K):
+        a_even, a_odd = _load_even_odd(act_ptr, act_rows, row_valid, stride_act, k0, d_ff,
+                                       BLOCK_M, BLOCK_K)
+        w_even, w_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, w_rows, col_valid, k0,
+                                         row_bytes, groups, BLOCK_N, BLOCK_K)
+        acc = _dot(a_even, w_even, acc, DOT_FP32, DOT_PRECISION)
+        acc = _dot(a_odd, w_odd, acc, DOT_FP32, DOT_PRECISION)
+
+    bias = tl.load(bias_ptr + w_rows, mask=col_valid, other=0.0).to(tl.float32)
+    route_weight = tl.load(route_weight_ptr + pairs, mask=row_valid, other=0.0)
+    y = (acc + bias[None, :]) * route_weight[:, None]
+    out = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + cols[None, :]
+    tl.store(out, y, mask=row_valid[:, None] & col_valid[None, :])

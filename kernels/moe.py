@@ -1,0 +1,229 @@
+"""MXFP4 mixture-of-experts layer of gpt-oss: routing, grouping, two grouped GEMMs, combine.
+
+    x [T, d] --router (fp32)--> top-k experts and weights per token
+      --group--> (token, slot) pairs sorted by expert, each expert padded to BLOCK_M rows
+      --GEMM 1 + SwiGLU--> act [padded pairs, I]      (W1 packed MXFP4, decoded in-kernel)
+      --GEMM 2 * weight--> y [T * k, d] (fp32)        (W2 packed MXFP4, b2 weighted too)
+      --sum over k--> out [T, d]
+
+Weights stay in the checkpoint layout (GPT_OSS.md 3.1, 3.2): gate_up rows interleave gate
+(even) and up (odd). The grouping never synchronises with the host: the grid is sized by
+an upper bound on the number of row blocks and surplus programs exit at once.
+
+Public: `moe_mxfp4`, `route`, `group_by_expert`, `MoETiling`, `ExpertGroups`, and the
+plain fp32 torch reference `moe_mxfp4_reference` at the bottom.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kernels._moe_triton import _down_kernel, _gate_up_swiglu_kernel
+from kernels.mxfp4 import dequantize_mxfp4
+
+SWIGLU_ALPHA = 1.702
+
+
+@dataclass(frozen=True)
+class MoETiling:
+    """Tile sizes of the two grouped GEMMs (the same for both)."""
+
+    block_m: int
+    # sorted (token, slot) rows per program; each expert's rows are padded to a multiple
+    block_n: int
+    # output columns per program
+    block_k: int
+    # contraction step in elements; a multiple of 32 so whole MXFP4 groups are read
+    num_warps: int = 4
+    # warps per program
+    num_stages: int = 3
+    # software-pipelining depth of the K loop
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.block_k < 32:
+            raise ValueError(f"block_k must be >= 32 (one MXFP4 group), got {self.block_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+    @staticmethod
+    def for_batch(num_tokens: int, top_k: int, num_experts: int) -> "MoETiling":
+        """Rows per program close to the mean rows per expert: little padding when small.
+
+        From a sweep at gpt-oss-20b shapes on an H100 (bench/gpu_kernels.py --sweep).
+        """
+        pairs = num_tokens * top_k
+        rows_per_expert = -(-pairs // num_experts)
+        if 2 * pairs <= num_experts:   # a row or so in a few experts: many narrow programs
+            return MoETiling(block_m=16, block_n=32, block_k=256)
+        if rows_per_expert <= 16:
+            return MoETiling(block_m=16, block_n=64, block_k=128)
+        return MoETiling(block_m=64 if rows_per_expert <= 128 else 128, block_n=64, block_k=64)
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """(token, slot) pairs sorted by expert; pair p = token * top_k + slot.
+
+    Row layout of the padded order (BLOCK_M = 4, expert 0 has 3 pairs, expert 2 has 5):
+
+        rows:         0  1  2  3 | 4  5  6  7 | 8  9 10 11 | 12 ...
+        pair_ids:     a  b  c  P | d  e  f  g | h  P  P  P | P ...   (P = sentinel T * k)
+        block_expert:     0      |     2      |     2      | -1 ...
+    """
+
+    pair_ids: torch.Tensor      # [num_blocks * block_m] int32, sentinel num_pairs = padding
+    block_expert: torch.Tensor  # [num_blocks] int32, expert of each row block, -1 = unused
+    expert_offsets: torch.Tensor  # [E + 1] int32, unpadded start of each expert's pairs
+    num_pairs: int              # T * top_k
+    block_m: int
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
+          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts of each token and their weights (softmax over the selected logits).
+
+    x [T, d], router_weight [E, d], router_bias [E] -> (weights [T, k] fp32,
+    experts [T, k] int32, in descending logit order). Logits in fp32.
+    """
+    logits = torch.nn.functional.linear(x.float(), router_weight.float(),
+                                        router_bias.float())      # [T, E]
+    top_logits, experts = torch.topk(logits, top_k, dim=-1)     # [T, k]
+    return torch.softmax(top_logits, dim=-1), experts.to(torch.int32)
+
+
+def group_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> ExpertGroups:
+    """Sort the (token, slot) pairs by expert and pad each expert to a multiple of block_m.
+
+    experts [T, k] int -> ExpertGroups. Device-side only (no host synchronisation).
+    """
+    device = experts.device
+    num_pairs = experts.numel()
+    flat = experts.reshape(-1).to(torch.int64)                       # [P]
+    order = torch.argsort(flat, stable=True)                         # [P] pair ids by expert
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.index_add_(0, flat, torch.ones_like(flat))                # [E]
+    starts = torch.cumsum(counts, 0) - counts
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_ends = torch.cumsum(padded, 0)
+    padded_starts = padded_ends - padded
+    # Each expert wastes fewer than block_m rows, so this many blocks always suffice.
+    num_blocks = (num_pairs + num_experts * (block_m - 1)) // block_m
+
+    sorted_experts = flat[order]
+    rank = torch.arange(num_pairs, device=device) - starts[sorted_experts]
+    dest = padded_starts[sorted_experts] + rank                      # [P] padded row of each
+    pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    pair_ids[dest] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_ends, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return ExpertGroups(pair_ids, block_expert, offsets, num_pairs, block_m)
+
+
+def _check_weights(d_model: int, d_ff: int, num_experts: int, gate_up_blocks: torch.Tensor,
+                   gate_up_scales: torch.Tensor, down_blocks: torch.Tensor,
+                   down_scales: torch.Tensor) -> None:
+    if d_model % 32 or d_ff % 32:
+        raise ValueError(f"d_model ({d_model}) and d_ff ({d_ff}) must be multiples of 32")
+    expected = {
+        "gate_up_blocks": (gate_up_blocks, (num_experts, 2 * d_ff, d_model // 32, 16)),
+        "gate_up_scales": (gate_up_scales, (num_experts, 2 * d_ff, d_model // 32)),
+        "down_blocks": (down_blocks, (num_experts, d_model, d_ff // 32, 16)),
+        "down_scales": (down_scales, (num_experts, d_model, d_ff // 32)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.uint8:
+            raise ValueError(f"{name} must be uint8 {shape}, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+
+
+def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
+              gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
+              gate_up_bias: torch.Tensor, down_blocks: torch.Tensor, down_scales: torch.Tensor,
+              down_bias: torch.Tensor, top_k: int, swiglu_limit: float = 7.0,
+              alpha: float = SWIGLU_ALPHA, tiling: MoETiling | None = None) -> torch.Tensor:
+    """gpt-oss MoE on packed MXFP4 experts. x [T, d] bf16/fp16/fp32 -> [T, d] like x.
+
+    The SwiGLU activations are stored in x's dtype between the GEMMs; everything else
+    accumulates in fp32. fp32 inputs use exact fp32 dots (no tf32).
+    """
+    num_tokens, d_model = x.shape
+    num_experts = router_weight.shape[0]
+    d_ff = gate_up_blocks.shape[1] // 2
+    _check_weights(d_model, d_ff, num_experts, gate_up_blocks, gate_up_scales, down_blocks,
+                   down_scales)
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if num_tokens == 0:
+        return x.new_empty((0, d_model))
+    tiling = tiling or MoETiling.for_batch(num_tokens, top_k, num_experts)
+    if x.stride(1) != 1:
+        x = x.contiguous()  # rows may be strided (a view into a wider buffer); columns not
+
+    route_weights, experts = route(x, router_weight, router_bias, top_k)   # [T, k] each
+    groups = group_by_expert(experts, num_experts, tiling.block_m)
+    num_blocks = groups.block_expert.numel()
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    dot_fp32 = x.device.type == "cpu"  # the Triton interpreter: no bf16 matmul in numpy
+
+    act = torch.empty((num_blocks * tiling.block_m, d_ff), dtype=x.dtype, device=x.device)
+    grid = (num_blocks, triton.cdiv(d_ff, tiling.block_n))
+    _gate_up_swiglu_kernel[grid](
+        x, gate_up_blocks.contiguous(), gate_up_scales.contiguous(), gate_up_bias.contiguous(),
+        act, groups.pair_ids, groups.block_expert,
+        groups.num_pairs, d_model, d_ff, gate_up_blocks.stride(1), gate_up_scales.stride(1),
+        x.stride(0), act.stride(0), float(swiglu_limit), float(alpha),
+        TOP_K=top_k, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+
+    y = torch.empty((groups.num_pairs, d_model), dtype=torch.float32, device=x.device)
+    grid = (num_blocks, triton.cdiv(d_model, tiling.block_n))
+    _down_kernel[grid](
+        act, down_blocks.contiguous(), down_scales.contiguous(), down_bias.contiguous(),
+        route_weights.reshape(-1).contiguous(), y, groups.pair_ids, groups.block_expert,
+        groups.num_pairs, d_model, d_ff, down_blocks.stride(1), down_scales.stride(1),
+        act.stride(0), y.stride(0),
+        BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+    return y.view(num_tokens, top_k, d_model).sum(dim=1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: plain fp32 torch, dequantising only the experts the batch selects.
+# ---------------------------------------------------------------------------------------
+
+def moe_mxfp4_reference(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
+                        gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
+                        gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
+                        down_scales: torch.Tensor, down_bias: torch.Tensor, top_k: int,
+                        swiglu_limit: float = 7.0, alpha: float = SWIGLU_ALPHA) -> torch.Tensor:
+    """fp32 reference of `moe_mxfp4` (GPT_OSS.md 2.5). Returns fp32 [T, d]."""
+    xf = x.float()
+    logits = xf @ router_weight.float().T + router_bias.float()     # [T, E]
+    top_logits, experts = torch.topk(logits, top_k, dim=-1)         # [T, k]
+    weights = torch.softmax(top_logits, dim=-1)
+    out = torch.zeros_like(xf)
+    for expert in torch.unique(experts).tolist():
+        token_idx, slot = torch.nonzero(experts == expert, as_tuple=True)
+        w1 = dequantize_mxfp4(gate_up_blocks[expert], gate_up_scales[expert])  # [2I, d]
+        w2 = dequantize_mxfp4(down_blocks[expert], down_scales[expert])        # [d, I]
+        h = xf[token_idx] @ w1.T + gate_up_bias[expert].float()     # [n, 2I]
+        gate = h[:, 0::2].clamp(max=swiglu_limit)
+        up = h[:, 1::2].clamp(-swiglu_limit, swiglu_limit)
+        act = (up + 1.0) * gate * torch.sigmoid(alpha * gate)       # [n, I]
+        y = act @ w2.T + down_bias[expert].float()                  # [n, d]
+        out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
+    return out

@@ -1,0 +1,209 @@
+"""MXFP4 MoE kernel against its fp32 torch reference, and the reference against a per-token loop.
+
+Runs through the Triton interpreter on CPU (tests/conftest.py); shapes are tiny on purpose.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels.moe import (
+    MoETiling,
+    group_by_expert,
+    moe_mxfp4,
+    moe_mxfp4_reference,
+    route,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+POISONED_EXPERT = -1  # never routed to; its biases are NaN so any use of it shows
+
+
+def make_weights(num_experts: int, d_model: int, d_ff: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random packed experts as in the checkpoint (every nibble value, varied scales)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def packed(e: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(120, 125, (e, rows, cols // 32), generator=gen, dtype=torch.uint8)
+        return blocks, scales
+
+    gate_up_blocks, gate_up_scales = packed(num_experts, 2 * d_ff, d_model)
+    down_blocks, down_scales = packed(num_experts, d_model, d_ff)
+    weights = {
+        "router_weight": torch.randn(num_experts, d_model, generator=gen) / math.sqrt(d_model),
+        "router_bias": torch.randn(num_experts, generator=gen),
+        "gate_up_blocks": gate_up_blocks,
+        "gate_up_scales": gate_up_scales,
+        # Wide biases push some gate/up values past the +-7 clamp.
+        "gate_up_bias": 3.0 * torch.randn(num_experts, 2 * d_ff, generator=gen),
+        "down_blocks": down_blocks,
+        "down_scales": down_scales,
+        "down_bias": torch.randn(num_experts, d_model, generator=gen),
+    }
+    weights["router_bias"][POISONED_EXPERT] = -1e4
+    weights["gate_up_bias"][POISONED_EXPERT] = float("nan")
+    weights["down_bias"][POISONED_EXPERT] = float("nan")
+    weights["gate_up_scales"][POISONED_EXPERT] = 254
+    return {name: t.to(DEVICE) for name, t in weights.items()}
+
+
+def decode_mxfp4_bits(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Independent decode from the E2M1 bit fields (sign, 2-bit exponent, 1-bit mantissa)."""
+    nibbles = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(-2).double()  # [..., G, 32]
+    sign = torch.where(nibbles >= 8, -1.0, 1.0)
+    exponent = torch.div(nibbles % 8, 2, rounding_mode="floor")
+    mantissa = nibbles % 2
+    magnitude = torch.where(
+        exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * torch.exp2(exponent - 1)
+    )
+    values = sign * magnitude * torch.exp2(scales.double() - 127.0).unsqueeze(-1)
+    return values.flatten(-2)
+
+
+def per_token_moe(x: torch.Tensor, w: dict[str, torch.Tensor], top_k: int) -> torch.Tensor:
+    """GPT_OSS.md 2.5 one token at a time in float64, sorting logits in Python."""
+    w1 = decode_mxfp4_bits(w["gate_up_blocks"].cpu(), w["gate_up_scales"].cpu())  # [E, 2I, d]
+    w2 = decode_mxfp4_bits(w["down_blocks"].cpu(), w["down_scales"].cpu())  # [E, d, I]
+    b1, b2 = w["gate_up_bias"].cpu().double(), w["down_bias"].cpu().double()
+    wr, br = w["router_weight"].cpu().double(), w["router_bias"].cpu().double()
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t, row in enumerate(x.cpu().double()):
+        logits = (wr @ row + br).tolist()
+        chosen = sorted(range(len(logits)), key=lambda e: -logits[e])[:top_k]
+        exps = [math.exp(logits[e] - logits[chosen[0]]) for e in chosen]
+        for e, p in zip(chosen, exps, strict=True):
+            z = w1[e] @ row + b1[e]
+            gate = z[0::2].clamp(max=7.0)
+            up = z[1::2].clamp(-7.0, 7.0)
+            act = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+            out[t] += p / sum(exps) * (w2[e] @ act + b2[e])
+    return out
+
+
+def errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max abs error / max |expected|, rms error / rms expected); NaN anywhere -> inf."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    if not torch.isfinite(a).all():
+        return math.inf, math.inf
+    diff = a - e
+    return (
+        (diff.abs().max() / e.abs().max()).item(),
+        (diff.pow(2).mean().sqrt() / e.pow(2).mean().sqrt()).item(),
+    )
+
+
+def poisoned_rows(num_tokens: int, d_model: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """x [T, d] as a view into a wider NaN-filled buffer: reads past column d show as NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.full((num_tokens, d_model + 32), float("nan"), dtype=dtype)
+    wide[:, :d_model] = torch.randn(num_tokens, d_model, generator=gen).to(dtype)
+    return wide.to(DEVICE)[:, :d_model]
+
+
+def test_reference_matches_per_token_loop() -> None:
+    w = make_weights(num_experts=5, d_model=64, d_ff=64, seed=0)
+    x = poisoned_rows(9, 64, torch.float32, seed=1).contiguous()
+    expected = per_token_moe(x, w, top_k=2)
+    max_err, rms_err = errors(moe_mxfp4_reference(x, **w, top_k=2), expected)
+    assert max_err < 1e-5 and rms_err < 1e-6, (max_err, rms_err)
+
+
+def test_route_picks_top_experts_exactly() -> None:
+    w = make_weights(num_experts=5, d_model=64, d_ff=64, seed=2)
+    x = poisoned_rows(17, 64, torch.float32, seed=3)
+    weights, experts = route(x, w["router_weight"], w["router_bias"], top_k=2)
+    logits = (x.double() @ w["router_weight"].double().T + w["router_bias"].double()).cpu()
+    for t in range(17):
+        order = sorted(range(5), key=lambda e: -logits[t, e].item())[:2]
+        assert experts[t].tolist() == order
+        gap = logits[t, order[0]] - logits[t, order[1]]
+        expected_first = 1.0 / (1.0 + math.exp(-gap))
+        assert abs(weights[t, 0].item() - expected_first) < 1e-6
+    assert experts.dtype == torch.int32
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 17])
+@pytest.mark.parametrize("block_m", [4, 16])
+def test_group_by_expert_layout(num_tokens: int, block_m: int) -> None:
+    num_experts, top_k = 5, 2
+    gen = torch.Generator().manual_seed(num_tokens)
+    # Skewed choice so one expert spans several blocks and expert 3 gets none.
+    pool = torch.tensor([0, 0, 0, 1, 2, 4], dtype=torch.int32)
+    experts = pool[torch.randint(0, 6, (num_tokens, top_k), generator=gen)]
+    groups = group_by_expert(experts.to(DEVICE), num_experts, block_m)
+
+    flat = experts.reshape(-1).tolist()
+    pair_ids, block_expert = [], []
+    offsets = [0]
+    for e in range(num_experts):
+        mine = [p for p, chosen in enumerate(flat) if chosen == e]
+        offsets.append(offsets[-1] + len(mine))
+        padded = -(-len(mine) // block_m) * block_m
+        pair_ids += mine + [len(flat)] * (padded - len(mine))
+        block_expert += [e] * (padded // block_m)
+    num_blocks = groups.block_expert.numel()
+    assert num_blocks >= len(block_expert)
+    pair_ids += [len(flat)] * ((num_blocks - len(block_expert)) * block_m)
+    block_expert += [-1] * (num_blocks - len(block_expert))
+    assert groups.pair_ids.tolist() == pair_ids
+    assert groups.block_expert.tolist() == block_expert
+    assert groups.expert_offsets.tolist() == offsets
+    assert groups.num_pairs == num_tokens * top_k
+
+
+def check_kernel(
+    num_tokens: int,
+    dtype: torch.dtype,
+    num_experts: int = 5,
+    d_model: int = 64,
+    d_ff: int = 64,
+    top_k: int = 2,
+    tiling: MoETiling | None = None,
+    seed: int = 0,
+    favour_expert: float = 0.0,
+) -> None:
+    w = make_weights(num_experts, d_model, d_ff, seed)
+    w["router_bias"][0] += favour_expert
+    x = poisoned_rows(num_tokens, d_model, dtype, seed + 1)
+    out = moe_mxfp4(x, **w, top_k=top_k, tiling=tiling)
+    assert out.shape == (num_tokens, d_model) and out.dtype == dtype
+    expected = moe_mxfp4_reference(x, **w, top_k=top_k)
+    max_err, rms_err = errors(out, expected)
+    # fp32: only summation order differs. bf16: activations and output are rounded to bf16
+    # (truncated on the CPU interpreter, up to 2^-7 relative), a few 1e-3 of the output.
+    max_bound, rms_bound = (2e-5, 5e-6) if dtype == torch.float32 else (2e-2, 8e-3)
+    assert max_err < max_bound and rms_err < rms_bound, (max_err, rms_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 17])
+def test_moe_kernel_matches_reference(num_tokens: int, dtype: torch.dtype) -> None:
+    check_kernel(num_tokens, dtype, seed=num_tokens)
+
+
+def test_moe_kernel_expert_spanning_blocks() -> None:
+    # Expert 0 gets almost every token: 40 rows over 16-row blocks, the last one padded.
+    check_kernel(40, torch.float32, tiling=MoETiling(16, 32, 32), seed=5, favour_expert=6.0)
+
+
+def test_moe_kernel_odd_shapes() -> None:
+    # d = 96 is not a multiple of block_k = 64 and d_ff = 32 is below block_n = 64.
+    check_kernel(5, torch.float32, num_experts=3, d_model=96, d_ff=32, top_k=1, seed=7)
+    check_kernel(6, torch.bfloat16, num_experts=4, d_model=96, d_ff=32, top_k=3, seed=8)
+
+
+def test_moe_kernel_zero_tokens() -> None:
+    w = make_weights(5, 64, 64, seed=9)
+    out = moe_mxfp4(torch.empty(0, 64, device=DEVICE), **w, top_k=2)
+    assert out.shape == (0, 64)
+
+
+def test_moe_rejects_bad_shapes() -> None:
+    w = make_weights(5, 64, 64, seed=10)
+    w["down_scales"] = w["down_scales"][:, :, :1]
+    with pytest.raises(ValueError, match="down_scales"):
+        moe_mxfp4(torch.zeros(1, 64, device=DEVICE), **w, top_k=2)
+    with pytest.raises(ValueError, match="block_k"):
+        MoETiling(16, 16, 16)
