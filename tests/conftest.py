@@ -19,7 +19,11 @@ if not _has_cuda:
 
 
 import pytest  # noqa: E402
-from redis_fixture import private_redis, redis_server, redis_url  # noqa: E402, F401
+
+try:  # the GPU machine has no redis client; tests needing Redis do not run there
+    from redis_fixture import private_redis, redis_server, redis_url  # noqa: F401
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="session")
