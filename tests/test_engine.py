@@ -13,6 +13,8 @@ import pytest
 from hf_reference import hf_greedy
 
 from workers.engine import EngineConfig, LLMEngine
+from workers.kv.block_hash import hash_prompt_blocks
+from workers.kv.block_pool import BlockRemoved, BlockStored
 from workers.sampling_params import SamplingParams, SamplingParamsError
 
 BLOCK = 8
@@ -78,14 +80,42 @@ def test_prefix_cache_hit_reports_exact_cached_tokens(tiny_model_dir):
     first = shared + [rng.randrange(vocab) for _ in range(5)]
     second = shared + [rng.randrange(vocab) for _ in range(6)]
     [a] = eng.generate([first], GREEDY)
-    eng.kv.drain_events()
+    # Every full block of the first request (prompt + computed output, 3 + 1 blocks of 8)
+    # was stored, in each KV group, under the chained hashes the router will compute.
+    computed = first + a.token_ids[:-1]
+    expected = hash_prompt_blocks(computed, BLOCK)
+    events = eng.kv.drain_events()
+    for group in ("full", "sliding"):
+        stored = [e.block_hash for e in events if isinstance(e, BlockStored) and e.group == group]
+        assert stored == expected, group
     [b] = eng.generate([second], GREEDY)
-    assert a.usage.cached_tokens == 0
     assert b.usage.cached_tokens == 3 * BLOCK
+    assert a.usage.cached_tokens == 0
     fresh = make_engine(tiny_model_dir, enable_prefix_caching=False)
     [b_alone] = fresh.generate([second], GREEDY)
     assert b.token_ids == b_alone.token_ids
     assert b_alone.usage.cached_tokens == 0
+
+
+def test_eviction_emits_removed_events(tiny_model_dir):
+    # 10 blocks per group: the second request needs blocks the first left cached.
+    eng = make_engine(tiny_model_dir, kv_cache_tokens=10 * BLOCK, max_num_seqs=1)
+    rng = random.Random(9)
+    first = [rng.randrange(eng.config.vocab_size) for _ in range(5 * BLOCK)]
+    second = [rng.randrange(eng.config.vocab_size) for _ in range(7 * BLOCK)]
+    [a] = eng.generate([first], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    eng.kv.drain_events()
+    eng.generate([second], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    removed = [
+        e.block_hash
+        for e in eng.kv.drain_events()
+        if isinstance(e, BlockRemoved) and e.group == "full"
+    ]
+    first_hashes = hash_prompt_blocks(first + a.token_ids[:-1], BLOCK)
+    # Freed blocks are evicted least recently used first; a request's tail blocks were
+    # freed first, so the first request's blocks go from its end.
+    assert removed and set(removed) <= set(first_hashes)
+    assert removed == [h for h in reversed(first_hashes) if h in set(removed)]
 
 
 def test_preemption_keeps_outputs_identical(tiny_model_dir, engine):
