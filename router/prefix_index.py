@@ -1,0 +1,119 @@
+"""Which worker holds which KV block: the router's exact view of every prefix cache.
+
+The index is built only from the workers' own block events (stored / removed / reset,
+read from their Redis streams by the cluster layer), keyed by the chained block hashes
+the engine computes (workers.kv.block_hash), so it never guesses. A prompt's hashes are
+computed with the same function; a worker's cached prefix is then the longest run of
+leading hashes it holds in the full-attention group, shortened until the sliding group
+also holds the window before it, which is exactly the engine's own rule:
+
+    prompt blocks     h0  h1  h2  h3  h4  h5  (h6 partial: never matched)
+    worker A full     h0  h1  h2  h3  h4  .       -> 5 blocks
+    worker A sliding  .   .   .   h3  h4          -> window of 2 blocks before 5: ok -> 5
+    worker B full     h0  h1  h2  .               -> 3 blocks
+    worker B sliding  .   .   .                   -> nothing before 3 -> 0
+
+Pure Python; it imports only the block-hash function of workers/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from workers.kv.block_hash import BlockHash, hash_prompt_blocks
+
+FULL = "full"
+SLIDING = "sliding"
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
+    """Hashes of the blocks a prompt could reuse: its full blocks, but never the whole
+    prompt (the engine recomputes at least the last token to get its logits)."""
+    usable = max(0, (len(token_ids) - 1) // block_size)
+    return hash_prompt_blocks(token_ids[: usable * block_size], block_size)
+
+
+class PrefixIndex:
+    def __init__(self) -> None:
+        # (group, hash) -> workers holding that block; and each worker's blocks, so a
+        # reset or an expired worker is dropped in time proportional to what it held.
+        self._holders: dict[tuple[str, BlockHash], set[str]] = {}
+        self._blocks: dict[str, set[tuple[str, BlockHash]]] = {}
+
+    # ------------------------------------------------------------------- events
+
+    def stored(self, worker: str, group: str, block_hash: BlockHash) -> None:
+        key = (group, block_hash)
+        self._holders.setdefault(key, set()).add(worker)
+        self._blocks.setdefault(worker, set()).add(key)
+
+    def removed(self, worker: str, group: str, block_hash: BlockHash) -> None:
+        key = (group, block_hash)
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.discard(worker)
+            if not holders:
+                del self._holders[key]
+        blocks = self._blocks.get(worker)
+        if blocks is not None:
+            blocks.discard(key)
+
+    def reset(self, worker: str) -> None:
+        """Forget every block of `worker` (restart, missed events, heartbeat expired)."""
+        for key in self._blocks.pop(worker, ()):
+            holders = self._holders[key]
+            holders.discard(worker)
+            if not holders:
+                del self._holders[key]
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def workers(self) -> frozenset[str]:
+        return frozenset(w for w, blocks in self._blocks.items() if blocks)
+
+    def num_blocks(self, worker: str | None = None) -> int:
+        if worker is None:
+            return sum(len(b) for b in self._blocks.values())
+        return len(self._blocks.get(worker, ()))
+
+    def holds(self, worker: str, group: str, block_hash: BlockHash) -> bool:
+        return worker in self._holders.get((group, block_hash), ())
+
+    def matched_blocks(
+        self,
+        hashes: Sequence[BlockHash],
+        workers: Iterable[str],
+        sliding_blocks: int = 0,
+    ) -> dict[str, int]:
+        """Cached prefix length, in blocks, of the prompt with these block hashes on each
+        worker. sliding_blocks: how many blocks before the hit the sliding group must
+        hold (ceil((window - 1) / block_size)); 0 when the model has no sliding layers."""
+        result = {w: 0 for w in workers}
+        alive = set(result)
+        # Walk the chain once, shrinking the set of workers still matching.
+        for i, h in enumerate(hashes):
+            holders = self._holders.get((FULL, h), set())
+            for w in alive - holders:
+                result[w] = i
+            alive &= holders
+            if not alive:
+                break
+        else:
+            for w in alive:
+                result[w] = len(hashes)
+        if sliding_blocks:
+            for w, n in result.items():
+                result[w] = self._sliding_hit(w, hashes, n, sliding_blocks)
+        return result
+
+    def _sliding_hit(self, worker: str, hashes: Sequence[BlockHash], n: int, need: int) -> int:
+        """Largest hit <= n whose preceding `need` blocks the sliding group holds."""
+        while n > 0:
+            first = max(0, n - need)
+            missing = [i for i in range(first, n) if not self.holds(worker, SLIDING, hashes[i])]
+            if not missing:
+                return n
+            # A hit ending at or before the last missing block is the next candidate.
+            n = missing[-1]
+        return 0

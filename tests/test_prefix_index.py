@@ -1,0 +1,98 @@
+"""The router's prefix index: exact contents after event sequences, and agreement with
+the engine's own prefix lookup when fed the engine's real block events."""
+
+from __future__ import annotations
+
+import random
+
+from router.prefix_index import FULL, SLIDING, PrefixIndex, prompt_block_hashes
+from workers.kv.block_hash import hash_prompt_blocks
+from workers.kv.block_pool import BlockRemoved, BlockStored
+from workers.kv.cache_manager import KVCacheManager, KVGroup
+from workers.request import Request
+from workers.scheduler import Scheduler, SchedulerConfig
+
+H = [bytes([i]) * 16 for i in range(10)]
+
+
+def test_index_after_events_is_exact():
+    index = PrefixIndex()
+    index.stored("a", FULL, H[0])
+    index.stored("a", FULL, H[1])
+    index.stored("b", FULL, H[0])
+    index.stored("a", SLIDING, H[1])
+    index.removed("a", FULL, H[0])
+    index.removed("c", FULL, H[5])  # unknown worker or block: nothing happens
+    assert index.holds("b", FULL, H[0]) and not index.holds("a", FULL, H[0])
+    assert index.holds("a", FULL, H[1]) and index.holds("a", SLIDING, H[1])
+    assert index.num_blocks("a") == 2 and index.num_blocks("b") == 1 and index.num_blocks() == 3
+    index.reset("a")
+    assert index.num_blocks("a") == 0 and index.workers == frozenset({"b"})
+    assert index.holds("b", FULL, H[0])
+
+
+def test_matching_follows_the_chain_and_the_window():
+    index = PrefixIndex()
+    for h in H[:5]:
+        index.stored("a", FULL, h)
+    for h in H[3:5]:
+        index.stored("a", SLIDING, h)
+    for h in H[:3]:
+        index.stored("b", FULL, h)
+    index.stored("c", FULL, H[1])  # holds a block, but not the chain's first
+    hashes = H[:6]
+    assert index.matched_blocks(hashes, ["a", "b", "c", "d"]) == {"a": 5, "b": 3, "c": 0, "d": 0}
+    # With sliding layers needing 2 blocks before the hit: a keeps 5, b has no window.
+    assert index.matched_blocks(hashes, ["a", "b"], sliding_blocks=2) == {"a": 5, "b": 0}
+    index.removed("a", SLIDING, H[4])
+    # The window before 5 is broken; before 4 it needs blocks 2 and 3: 2 is missing.
+    assert index.matched_blocks(hashes, ["a"], sliding_blocks=2) == {"a": 0}
+
+
+def test_prompt_hashes_never_cover_the_whole_prompt():
+    tokens = list(range(32))
+    assert prompt_block_hashes(tokens, 8) == hash_prompt_blocks(tokens, 8)[:3]
+    assert prompt_block_hashes(tokens + [7], 8) == hash_prompt_blocks(tokens, 8)[:4]
+    assert prompt_block_hashes(tokens[:8], 8) == []
+
+
+def _feed(index: PrefixIndex, worker: str, kv: KVCacheManager) -> None:
+    for ev in kv.drain_events():
+        if isinstance(ev, BlockStored):
+            index.stored(worker, ev.group, ev.block_hash)
+        elif isinstance(ev, BlockRemoved):
+            index.removed(worker, ev.group, ev.block_hash)
+
+
+def test_index_agrees_with_the_engine_lookup_under_churn():
+    block, window = 4, 10
+    rng = random.Random(3)
+    kv = KVCacheManager([KVGroup(FULL, None), KVGroup(SLIDING, window)], block, [40, 24])
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=24, block_size=block), kv
+    )
+    index = PrefixIndex()
+    stems = [[rng.randrange(50) for _ in range(24)] for _ in range(4)]
+    checked = 0
+    for step in range(300):
+        if rng.random() < 0.3 and scheduler.num_waiting < 3:
+            stem = rng.choice(stems)
+            prompt = stem[: rng.randint(1, 24)] + [
+                rng.randrange(50) for _ in range(rng.randint(0, 9))
+            ]
+            scheduler.add(Request(f"r{step}", prompt, max_tokens=rng.randint(1, 12)))
+        out = scheduler.schedule()
+        scheduler.update_after_step(
+            out, {s.request_id: rng.randrange(50) for s in out.scheduled if s.needs_sample}
+        )
+        if rng.random() < 0.05 and scheduler.running:
+            scheduler.abort(rng.choice(scheduler.running).request_id)
+        _feed(index, "w", kv)
+        probe = rng.choice(stems)[: rng.randint(2, 24)] + [rng.randrange(50)]
+        expected = kv.find_cached_prefix(Request("probe", probe, max_tokens=1))
+        got = index.matched_blocks(
+            prompt_block_hashes(probe, block), ["w"], sliding_blocks=-(-(window - 1) // block)
+        )["w"]
+        assert got * block == expected, step
+        checked += expected > 0
+    assert checked > 20  # the probes did exercise real hits
