@@ -26,6 +26,18 @@ FULL = "full"
 SLIDING = "sliding"
 
 
+def sliding_blocks(sliding_window: int | None, block_size: int) -> int:
+    """Blocks before a hit that the sliding group must hold: the window's earlier
+    positions, ceil((window - 1) / block_size); 0 for a model without sliding layers."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if sliding_window is None:
+        return 0
+    if sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    return -(-(sliding_window - 1) // block_size)
+
+
 def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
     """Hashes of the blocks a prompt could reuse: its full blocks, but never the whole
     prompt (the engine recomputes at least the last token to get its logits)."""
@@ -79,6 +91,22 @@ class PrefixIndex:
 
     def holds(self, worker: str, group: str, block_hash: BlockHash) -> bool:
         return worker in self._holders.get((group, block_hash), ())
+
+    def blocks(self, worker: str) -> frozenset[tuple[str, BlockHash]]:
+        """Every (group, block hash) the index says `worker` holds."""
+        return frozenset(self._blocks.get(worker, ()))
+
+    def cached_prompt_tokens(
+        self,
+        token_ids: Sequence[int],
+        workers: Iterable[str],
+        block_size: int,
+        sliding_blocks: int = 0,
+    ) -> dict[str, int]:
+        """Prompt tokens each worker would find in its prefix cache (whole blocks)."""
+        hashes = prompt_block_hashes(token_ids, block_size)
+        matched = self.matched_blocks(hashes, workers, sliding_blocks)
+        return {w: n * block_size for w, n in matched.items()}
 
     def matched_blocks(
         self,

@@ -96,3 +96,8 @@ def test_index_agrees_with_the_engine_lookup_under_churn():
         assert got * block == expected, step
         checked += expected > 0
     assert checked > 20  # the probes did exercise real hits
+    # A reader that lost the stream rebuilds the same view from the worker's snapshot.
+    rebuilt = PrefixIndex()
+    for ev in kv.snapshot():
+        rebuilt.stored("w", ev.group, ev.block_hash)
+    assert rebuilt._holders == index._holders

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from workers.transfer import (
     TransferFailed,
     TransferTicket,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,19 +208,25 @@ class _Worker:
 
     def kv_events(self) -> list[KVEvent]:
         """Blocks stored into / removed from the prefix cache since the last call."""
-        events = self.engine.call(lambda e: e.kv.drain_events())
-        out = []
-        for ev in events:
-            if isinstance(ev, BlockStored):
-                out.append(
-                    KVEvent.stored(ev.group, ev.block_hash, ev.parent_hash, len(ev.token_ids))
-                )
-            elif isinstance(ev, BlockRemoved):
-                out.append(KVEvent.removed(ev.group, ev.block_hash))
-        return out
+        return _to_control_plane(self.engine.call(lambda e: e.kv.drain_events()))
+
+    def kv_snapshot(self) -> list[KVEvent]:
+        """Every block the prefix cache holds now (for readers that lost events); pending
+        events are dropped, the snapshot contains them."""
+        return _to_control_plane(self.engine.call(lambda e: e.kv.snapshot()))
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+
+def _to_control_plane(events) -> list[KVEvent]:
+    out = []
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            out.append(KVEvent.stored(ev.group, ev.block_hash, ev.parent_hash, len(ev.token_ids)))
+        elif isinstance(ev, BlockRemoved):
+            out.append(KVEvent.removed(ev.group, ev.block_hash))
+    return out
 
 
 class PrefillWorker(_Worker):
@@ -279,6 +288,7 @@ class DecodeWorker(_Worker):
         self.fallbacks = 0
         self.transfers = 0
         self.transfer_seconds = 0.0
+        self.transfer_bytes = 0
 
     @classmethod
     def create(
@@ -324,50 +334,72 @@ class DecodeWorker(_Worker):
             yield encode_delta(out, served if out.finished else None)
 
     async def _remote_prefill(self, msg, slot, prefill: Prefill, prefill_replica: str):
+        """Have `prefill_replica` compute the prompt into the reserved blocks.
+
+        The prefill call returns once the last layer is handed to its sender; the blocks
+        land here meanwhile. Any failure (the call errs or outlives the deadline, the
+        transfer breaks) leaves the blocks to a local prefill. Blocks are never freed
+        while a transfer may still write into them: the ticket is cancelled first, or,
+        once receiving, the receive is let run out (it is bounded by the deadline).
+        """
         started = time.monotonic()
+        deadline = self.config.transfer_deadline_s
         ticket = self.receiver.expect(
-            prefill_replica,
-            slot.dest_block_ids,
-            slot.logical_blocks,
-            self.config.transfer_deadline_s,
+            prefill_replica, slot.dest_block_ids, slot.logical_blocks, deadline
         )
         request = PrefillMessage(msg.request_id, msg.prompt_token_ids, msg.params, ticket)
         call = asyncio.ensure_future(prefill(request.to_json()))
-        received = asyncio.ensure_future(asyncio.to_thread(self.receiver.recv, ticket))
+        receiving = None
         try:
-            result = await asyncio.shield(received)
-        except (TransferFailed, KVLayoutMismatch):
-            call.cancel()
-            self.fallbacks += 1
-            self.engine.call(lambda e: e.fail_remote(msg.request_id))
-            return ServedInfo(self.replica_id, prefill_replica, "fallback")
+            reply = json.loads(await asyncio.wait_for(call, timeout=deadline))
+            receiving = asyncio.ensure_future(asyncio.to_thread(self.receiver.recv, ticket))
+            result = await asyncio.shield(receiving)
         except asyncio.CancelledError:
-            # The client went away mid-transfer. The blocks may only be freed once nothing
-            # more is written into them: stop the prefill, let the receive end, then abort.
+            # The client went away: stop the prefill, close the transfer, free the blocks.
             call.cancel()
-            await asyncio.wait([received])
+            await self._close_transfer(ticket, receiving)
             self.engine.abort(msg.request_id)
             raise
+        except Exception as err:  # noqa: BLE001 - any failure of the remote side falls back
+            call.cancel()
+            await self._close_transfer(ticket, receiving)
+            self.fallbacks += 1
+            self.engine.call(lambda e: e.fail_remote(msg.request_id))
+            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError):
+                logger.warning("prefill on %s failed, prefilling locally: %r", prefill_replica, err)
+            return ServedInfo(self.replica_id, "", "fallback")
         elapsed = time.monotonic() - started
         self.transfers += 1
         self.transfer_seconds += elapsed
+        self.transfer_bytes += self._transfer_nbytes(slot)
         out = self.engine.call(lambda e: e.complete_remote(msg.request_id, result.first_token))
         self.engine.deliver(out)
-        cached = 0
-        try:
-            reply = json.loads(
-                await asyncio.wait_for(call, timeout=self.config.transfer_deadline_s)
-            )
-            cached = int(reply.get("cached_tokens", 0))
-        except Exception:  # the KV is here; the reply only adds statistics
-            call.cancel()
+        cached = int(reply.get("cached_tokens", 0))
         return ServedInfo(self.replica_id, prefill_replica, "remote", elapsed, cached)
+
+    async def _close_transfer(self, ticket: TransferTicket, receiving) -> None:
+        """After this, nothing more is written for `ticket` into this worker's cache."""
+        if receiving is None:
+            self.receiver.cancel(ticket)
+        else:
+            await asyncio.wait([receiving])
+            if not receiving.cancelled():
+                receiving.exception()  # retrieved: a failed receive is expected here
+
+    def _transfer_nbytes(self, slot) -> int:
+        """Bytes of K and V a transfer into `slot` moves."""
+        blocks = sum(
+            len(logical) * len(self.layout.layers_of_group(g))
+            for g, logical in enumerate(slot.logical_blocks)
+        )
+        return 2 * blocks * self.layout.block_bytes
 
     def metrics(self) -> dict[str, float]:
         m = super().metrics()
         m.update(
             transfers=float(self.transfers),
             transfer_seconds=self.transfer_seconds,
+            transfer_bytes=float(self.transfer_bytes),
             fallbacks=float(self.fallbacks),
         )
         return m

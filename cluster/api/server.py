@@ -78,6 +78,10 @@ class ServerConfig:
     # PEM certificate chain; with tls_key_file, the server speaks TLS only.
     tls_key_file: Path | None = None
     # PEM private key of tls_cert_file.
+    reuse_port: bool = False
+    # Let several servers on one host share the port (SO_REUSEPORT: the kernel spreads
+    # connections), as Ingress replicas on one node do. Off by default, so a stray second
+    # server fails to bind instead of silently taking half the traffic.
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -371,7 +375,7 @@ class TandemServer:
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(config.reuse_port)),
             ],
         )
         _add_service(server, TandemServicer(backend, config))

@@ -199,6 +199,10 @@ class BlockPool:
         )
         return True
 
+    def cached_blocks(self) -> list[KVBlock]:
+        """Every block findable by hash (in use or free but not yet evicted)."""
+        return list(self._by_hash.values())
+
     def drain_events(self) -> list[KVCacheEvent]:
         """Events since the last drain, oldest first."""
         events, self._events = self._events, []

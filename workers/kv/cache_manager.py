@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from workers.kv import block_hash
 from workers.kv.block_hash import BlockHash
-from workers.kv.block_pool import BlockPool, KVBlock, KVCacheEvent
+from workers.kv.block_pool import BlockPool, BlockStored, KVBlock, KVCacheEvent
 from workers.request import Request
 
 # Looks up logical block i of the request being examined in one pool (None on a miss).
@@ -372,6 +372,17 @@ class KVCacheManager:
         """Return every block of the request, tail blocks first in eviction order."""
         for t in self._tables:
             t.free(request.request_id)
+
+    def snapshot(self) -> list[BlockStored]:
+        """A stored event for every block a prefix lookup can find now, in every group, for
+        readers that must rebuild their view. Clears pending events: the snapshot
+        supersedes them. Parent hashes are not kept per block, so they are None."""
+        self.drain_events()
+        return [
+            BlockStored(t.pool.group, b.block_hash, None, tuple(b.token_ids), b.block_id)
+            for t in self._tables
+            for b in t.pool.cached_blocks()
+        ]
 
     def drain_events(self) -> list[KVCacheEvent]:
         """Stored/removed events of all groups since the last drain, group by group."""
