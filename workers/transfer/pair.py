@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch
@@ -217,3 +217,18 @@ def _exchange_layouts(store: dist.Store, rank: int, layout: KVLayout, deadline: 
     except (RuntimeError, dist.DistStoreError, TimeoutError) as e:
         raise TransferFailed(f"peer did not join pair setup before the deadline: {e}") from e
     layout.check_compatible(KVLayout.from_json(peer_json))
+
+
+def tear_down_and_join(pairs: Sequence, reason: str, join_timeout_s: float) -> None:
+    """Tear down pairs (sender or receiver side) and wait for their pump threads.
+
+    Waiting lets the pumps drop their groups before the caller returns: a process that
+    exits while a backend is being destroyed in another thread aborts. A gloo receive in
+    flight cannot be interrupted, so a pump may take until its transfer's deadline.
+    """
+    for pair in pairs:
+        pair.tear_down(reason)
+    end = time.monotonic() + join_timeout_s
+    for pair in pairs:
+        if pair.thread.is_alive():
+            pair.thread.join(max(end - time.monotonic(), 0.0))

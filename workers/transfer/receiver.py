@@ -32,7 +32,7 @@ import torch
 
 from workers.transfer.layout import KVLayout, KVLayoutMismatch
 from workers.transfer.pack import packed_nbytes, unpack_layer
-from workers.transfer.pair import RECEIVER_RANK, PairGroup, host_store
+from workers.transfer.pair import RECEIVER_RANK, PairGroup, host_store, tear_down_and_join
 from workers.transfer.protocol import (
     FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -385,15 +385,7 @@ class KVReceiver:
             self._closed = True
             pairs = list(self._pairs.values())
             self._pairs.clear()
-        for pair in pairs:
-            pair.tear_down("receiver closed")
-        # Let the pump threads drop their groups before returning (a process that exits
-        # while a backend is being destroyed in another thread aborts). A gloo receive in
-        # flight cannot be interrupted, so a pump may take until its transfer's deadline.
-        end = time.monotonic() + join_timeout_s
-        for pair in pairs:
-            if pair.thread.is_alive():
-                pair.thread.join(max(end - time.monotonic(), 0.0))
+        tear_down_and_join(pairs, "receiver closed", join_timeout_s)
 
     def _take(self, ticket: TransferTicket) -> tuple[_ReceiverPair, _Incoming]:
         key = (ticket.sender_id, ticket.generation, ticket.seq)

@@ -35,7 +35,7 @@ import torch
 
 from workers.transfer.layout import KVLayout, KVLayoutMismatch
 from workers.transfer.pack import pack_layer, packed_nbytes
-from workers.transfer.pair import SENDER_RANK, PairGroup, connect_store
+from workers.transfer.pair import SENDER_RANK, PairGroup, connect_store, tear_down_and_join
 from workers.transfer.protocol import (
     TAG_FIRST_LAYER,
     TAG_FOOTER,
@@ -423,15 +423,7 @@ class KVSender:
             self._closed = True
             pairs = list(self._pairs.values())
             self._pairs.clear()
-        for pair in pairs:
-            pair.tear_down("sender closed")
-        # Let the pump threads drop their groups before returning (a process that exits
-        # while a backend is being destroyed in another thread aborts). A gloo receive in
-        # flight cannot be interrupted, so a pump may take until its transfer's deadline.
-        end = time.monotonic() + join_timeout_s
-        for pair in pairs:
-            if pair.thread.is_alive():
-                pair.thread.join(max(end - time.monotonic(), 0.0))
+        tear_down_and_join(pairs, "sender closed", join_timeout_s)
 
     def _retire(self, key: tuple[str, str], pair: _SenderPair) -> None:
         self._retired[key] = max(self._retired.get(key, -1), pair.generation)
