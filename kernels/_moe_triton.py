@@ -2,8 +2,9 @@
 
 Two grouped GEMMs over token/expert pairs sorted by expert. A program owns one block of
 BLOCK_M sorted pairs (all of one expert, padding rows marked by the sentinel pair id
-`num_pairs`) and BLOCK_N output columns. Weights are read as packed MXFP4 bytes plus
-E8M0 scales and decoded in registers just before the dot: nothing dequantised ever
+`num_pairs`) and BLOCK_N output columns. For small batches, two GEMV kernels at the bottom
+replace them (one program per pair, no grouping). Weights are read as packed MXFP4 bytes
+plus E8M0 scales and decoded in registers just before use: nothing dequantised ever
 reaches device memory.
 
 Packed weight row (one output row n of expert e, K inputs, G = K / 32 groups):
@@ -169,3 +170,76 @@ def _down_kernel(
     y = (acc + bias[None, :]) * route_weight[:, None]
     out = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + cols[None, :]
     tl.store(out, y, mask=row_valid[:, None] & col_valid[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Small batches (decode): one program per (token, slot) pair and output tile, no grouping.
+#
+# With a handful of pairs each expert has about one row, so the grouped GEMMs above spend
+# most of a 16-row tile on padding and launch few programs per SM. Here a program owns one
+# pair and BLOCK_N outputs: it streams its expert's packed rows once, multiplying them by
+# the one activation row in registers (no tl.dot), so the launch is pairs x N / BLOCK_N
+# programs of pure weight streaming, and routing needs no sort.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_dot_mxfp4(vec_ptr, blocks_ptr, scales_ptr, rows, row_mask, K, row_bytes, groups,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k W[rows, k] * vec[k] in fp32 -> [BLOCK_N]; vec is one contiguous row of K."""
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        vec = tl.load(vec_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)    # [BK]
+        vec_even, vec_odd = tl.split(tl.reshape(vec, (BLOCK_K // 2, 2)))          # [BK/2] each
+        w_even, w_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, k0,
+                                         row_bytes, groups, BLOCK_N, BLOCK_K)     # [BN, BK/2]
+        acc += tl.sum(w_even * vec_even[None, :] + w_odd * vec_odd[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _gate_up_swiglu_gemv_kernel(
+    x_ptr, blocks_ptr, scales_ptr, bias_ptr, act_ptr, experts_ptr,
+    d_model, d_ff, row_bytes, groups, stride_x, stride_act, swiglu_limit, alpha,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """act[pair, j] for BLOCK_N columns j: weight rows 2j (gate) and 2j+1 (up) are adjacent,
+    so the program reads 2 * BLOCK_N consecutive rows and splits the sums afterwards."""
+    pair = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    token = pair // TOP_K
+    expert = tl.load(experts_ptr + pair).to(tl.int64)
+    local = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)   # [2BN] gate/up rows, interleaved
+    row_valid = local < 2 * d_ff
+    rows = expert * 2 * d_ff + local
+    acc = _row_dot_mxfp4(x_ptr + token * stride_x, blocks_ptr, scales_ptr, rows, row_valid,
+                         d_model, row_bytes, groups, 2 * BLOCK_N, BLOCK_K)
+    acc += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_N, 2)))       # [BN] each
+    gate = tl.minimum(gate, swiglu_limit)
+    up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit)
+    act = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(act_ptr + pair * stride_act + cols, act.to(act_ptr.dtype.element_ty),
+             mask=cols < d_ff)
+
+
+@triton.jit
+def _down_gemv_kernel(
+    act_ptr, blocks_ptr, scales_ptr, bias_ptr, route_weight_ptr, experts_ptr, y_ptr,
+    d_model, d_ff, row_bytes, groups, stride_act, stride_y,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[pair, n] = w_pair * (act[pair] . W2[e, n] + b2[e, n]) for BLOCK_N model dims n."""
+    pair = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    expert = tl.load(experts_ptr + pair).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < d_model
+    rows = expert * d_model + cols
+    acc = _row_dot_mxfp4(act_ptr + pair * stride_act, blocks_ptr, scales_ptr, rows, col_valid,
+                         d_ff, row_bytes, groups, BLOCK_N, BLOCK_K)
+    bias = tl.load(bias_ptr + rows, mask=col_valid, other=0.0).to(tl.float32)
+    y = (acc + bias) * tl.load(route_weight_ptr + pair)
+    tl.store(y_ptr + pair * stride_y + cols, y, mask=col_valid)

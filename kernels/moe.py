@@ -10,8 +10,18 @@ Weights stay in the checkpoint layout (GPT_OSS.md 3.1, 3.2): gate_up rows interl
 (even) and up (odd). The grouping never synchronises with the host: the grid is sized by
 an upper bound on the number of row blocks and surplus programs exit at once.
 
-Public: `moe_mxfp4`, `route`, `group_by_expert`, `MoETiling`, `ExpertGroups`, and the
-plain fp32 torch reference `moe_mxfp4_reference` at the bottom.
+Small batches (decode: a few (token, slot) pairs, about one row per expert) take another
+path with the same result: no grouping, one program per pair and output tile streaming its
+expert's packed rows against the pair's single activation row (`MoEGemvTiling`):
+
+    x [T, d] --router--> experts [T * k] --GEMV 1 + SwiGLU--> act [T * k, I]
+      --GEMV 2 * weight--> y [T * k, d] (fp32) --sum over k--> out [T, d]
+
+`default_tiling` picks the path from the batch size.
+
+Public: `moe_mxfp4`, `route`, `group_by_expert`, `MoETiling`, `MoEGemvTiling`,
+`default_tiling`, `ExpertGroups`, and the plain fp32 torch reference `moe_mxfp4_reference`
+at the bottom.
 """
 
 from dataclasses import dataclass
@@ -19,7 +29,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels._moe_triton import _down_kernel, _gate_up_swiglu_kernel
+from kernels._moe_triton import (
+    _down_gemv_kernel,
+    _down_kernel,
+    _gate_up_swiglu_gemv_kernel,
+    _gate_up_swiglu_kernel,
+)
 from kernels.mxfp4 import dequantize_mxfp4
 
 SWIGLU_ALPHA = 1.702
@@ -65,6 +80,55 @@ class MoETiling:
         if rows_per_expert <= 16:
             return MoETiling(block_m=16, block_n=64, block_k=128)
         return MoETiling(block_m=64 if rows_per_expert <= 128 else 128, block_n=64, block_k=64)
+
+
+@dataclass(frozen=True)
+class MoEGemvTiling:
+    """Work split of the small-batch path: one program per (token, slot) pair and tile."""
+
+    block_n: int
+    # outputs per program: activation columns of GEMV 1 (2 * block_n weight rows), model
+    # dims of GEMV 2
+    block_k: int
+    # contraction step in elements; a multiple of 32 so whole MXFP4 groups are read
+    num_warps: int = 4
+    # warps per program
+    num_stages: int = 2
+    # software-pipelining depth of the K loop
+
+    def __post_init__(self) -> None:
+        for name, low in (("block_n", 1), ("block_k", 32)):
+            value = getattr(self, name)
+            if value < low or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+GEMV_MAX_PAIRS = 32
+"""Largest T * top_k the default tiling sends down the GEMV path. Each pair streams its
+expert's weights on its own, so the path reads pairs x expert bytes where the grouped GEMMs
+read each used expert once: it wins while pairs are few (the MoE is launch- and
+latency-bound there) and loses once many pairs share experts."""
+
+
+def default_tiling(num_tokens: int, top_k: int, num_experts: int, d_model: int = 2880,
+                   d_ff: int = 2880, interpreter: bool = False) -> "MoETiling | MoEGemvTiling":
+    """GEMV for at most GEMV_MAX_PAIRS (token, slot) pairs, else the grouped GEMMs.
+
+    GEMV (16, 256) was the fastest of six tilings at gpt-oss-20b shapes on an H100 for
+    T = 1..8 (bench/gpu_e2e.py --moe-sweep): T=1 102 us against 195 us grouped, T=8 476
+    against 496; from T=16 the grouped GEMMs win. block_k shrinks for small layers, where
+    a 256-wide step would be mostly masked. The CPU interpreter pays per program, not per
+    byte: there a tile spans up to 64 outputs.
+    """
+    if num_tokens * top_k <= GEMV_MAX_PAIRS:
+        widest = triton.next_power_of_2(max(d_model, d_ff))
+        return MoEGemvTiling(block_n=64 if interpreter else 16,
+                             block_k=max(32, min(256, widest)))
+    return MoETiling.for_batch(num_tokens, top_k, num_experts)
 
 
 @dataclass(frozen=True)
@@ -150,11 +214,13 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
               gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
               gate_up_bias: torch.Tensor, down_blocks: torch.Tensor, down_scales: torch.Tensor,
               down_bias: torch.Tensor, top_k: int, swiglu_limit: float = 7.0,
-              alpha: float = SWIGLU_ALPHA, tiling: MoETiling | None = None) -> torch.Tensor:
+              alpha: float = SWIGLU_ALPHA,
+              tiling: MoETiling | MoEGemvTiling | None = None) -> torch.Tensor:
     """gpt-oss MoE on packed MXFP4 experts. x [T, d] bf16/fp16/fp32 -> [T, d] like x.
 
     The SwiGLU activations are stored in x's dtype between the GEMMs; everything else
-    accumulates in fp32. fp32 inputs use exact fp32 dots (no tf32).
+    accumulates in fp32. fp32 inputs use exact fp32 dots (no tf32). tiling None:
+    `default_tiling` (a MoEGemvTiling selects the small-batch path).
     """
     num_tokens, d_model = x.shape
     num_experts = router_weight.shape[0]
@@ -165,11 +231,17 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if num_tokens == 0:
         return x.new_empty((0, d_model))
-    tiling = tiling or MoETiling.for_batch(num_tokens, top_k, num_experts)
+    tiling = tiling or default_tiling(num_tokens, top_k, num_experts, d_model, d_ff,
+                                      interpreter=x.device.type == "cpu")
     if x.stride(1) != 1:
         x = x.contiguous()  # rows may be strided (a view into a wider buffer); columns not
 
     route_weights, experts = route(x, router_weight, router_bias, top_k)   # [T, k] each
+    if isinstance(tiling, MoEGemvTiling):
+        y = _experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
+                          gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
+                          swiglu_limit, alpha, tiling)               # [T * k, d] fp32
+        return y.view(num_tokens, top_k, d_model).sum(dim=1).to(x.dtype)
     groups = group_by_expert(experts, num_experts, tiling.block_m)
     num_blocks = groups.block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -199,6 +271,38 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return y.view(num_tokens, top_k, d_model).sum(dim=1).to(x.dtype)
+
+
+def _experts_gemv(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Tensor,
+                  gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
+                  gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
+                  down_scales: torch.Tensor, down_bias: torch.Tensor, d_ff: int,
+                  swiglu_limit: float, alpha: float, tiling: MoEGemvTiling) -> torch.Tensor:
+    """The small-batch path: y [T * k, d] fp32, row p = token p // k, slot p % k, weighted."""
+    num_tokens, d_model = x.shape
+    top_k = experts.shape[1]
+    num_pairs = num_tokens * top_k
+    flat_experts = experts.reshape(-1).contiguous()                  # [P] int32
+    act = torch.empty((num_pairs, d_ff), dtype=x.dtype, device=x.device)
+    grid = (num_pairs, triton.cdiv(d_ff, tiling.block_n))
+    _gate_up_swiglu_gemv_kernel[grid](
+        x, gate_up_blocks.contiguous(), gate_up_scales.contiguous(), gate_up_bias.contiguous(),
+        act, flat_experts,
+        d_model, d_ff, gate_up_blocks.stride(1), gate_up_scales.stride(1),
+        x.stride(0), act.stride(0), float(swiglu_limit), float(alpha),
+        TOP_K=top_k, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+    y = torch.empty((num_pairs, d_model), dtype=torch.float32, device=x.device)
+    grid = (num_pairs, triton.cdiv(d_model, tiling.block_n))
+    _down_gemv_kernel[grid](
+        act, down_blocks.contiguous(), down_scales.contiguous(), down_bias.contiguous(),
+        route_weights.reshape(-1).contiguous(), flat_experts, y,
+        d_model, d_ff, down_blocks.stride(1), down_scales.stride(1), act.stride(0), y.stride(0),
+        BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+    )
+    return y
 
 
 # ---------------------------------------------------------------------------------------

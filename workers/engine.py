@@ -25,6 +25,7 @@ import torch
 from workers.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from workers.kv.cache_manager import KVCacheManager, KVGroup
 from workers.model.config import GptOssConfig
+from workers.model.triton_backends import KERNELS_NAMES, make_backends
 from workers.model.weights import load_model
 from workers.outputs import Completion, RequestOutput, Timings, TokenLogprob, Usage
 from workers.request import Request, RequestStatus
@@ -54,6 +55,9 @@ class EngineConfig:
     max_model_len: int | None = None
     # Reuse cached KV of earlier requests with the same prompt prefix.
     enable_prefix_caching: bool = True
+    # Attention and MoE implementation: "triton" (kernels/) or "torch" (the references);
+    # None: triton on cuda, torch elsewhere.
+    kernels: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
@@ -65,6 +69,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kernels not in (None, *KERNELS_NAMES):
+            raise ValueError(
+                f"EngineConfig.kernels must be one of {KERNELS_NAMES} or None, got {self.kernels!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,10 @@ class LLMEngine:
         dtype_name = ec.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         dtype = getattr(torch, dtype_name)
         model_dir = Path(model_dir)
-        model, config = load_model(model_dir, dtype=dtype, device=device)
+        attention, moe = make_backends(ec.kernels, device)
+        model, config = load_model(
+            model_dir, dtype=dtype, device=device, attention=attention, moe=moe
+        )
         tokenizer = Tokenizer.from_dir(model_dir)
         facts = ModelFacts.read(model_dir, config, ec.max_model_len)
         return cls(model, config, tokenizer, facts, ec, device, dtype)

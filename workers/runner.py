@@ -12,6 +12,20 @@ token of B, block size 4, the flattened (varlen) batch is
     slot_mapping[g]  [2*4+0, 2*4+1, 2*4+2, 1*4+3]
 
 and the logits are taken at the last new token of every sequence that samples.
+
+Decode steps (one new token per sequence, no per-layer callback) on CUDA replay a CUDA
+graph instead of launching ~20 kernels per layer from Python: `DecodeGraphs` captures the
+whole forward plus the logits once per batch size (lazily, on first use), over static
+input buffers that each step overwrites. A batch is padded up to the next captured size;
+a padding row is a 1-token sequence at position 0 that reads cache block 0 and writes
+nothing (slot -1), and its logits are dropped:
+
+    rows        0 .. B-1 (the step)        | B .. S-1 (padding)
+    input_ids   new tokens                 | 0
+    positions   seq_len - 1                | 0
+    seq_lens    seq_len                    | 1
+    tables[g]   block tables (prefix)      | [0, stale...]   only entry 0 is read
+    slots[g]    slot of the new token      | -1
 """
 
 from __future__ import annotations
@@ -21,9 +35,24 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from workers.model.attention import AttentionMetadata, build_attention_metadata
-from workers.model.gpt_oss import GptOssModel, allocate_kv_caches
-from workers.scheduler import SchedulerOutput
+from workers.model.attention import AttentionMetadata, KVGroupTables, build_attention_metadata
+from workers.model.gpt_oss import GptOssModel, KVCache, allocate_kv_caches
+from workers.model.triton_backends import TritonMoE, TritonPagedAttention
+from workers.scheduler import ScheduledRequest, SchedulerOutput
+
+DEFAULT_GRAPH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""Decode batch sizes captured by default (on first use each): powers of two, so padding
+costs at most half a step."""
+
+
+def graphs_supported(model: GptOssModel, device: torch.device) -> bool:
+    """CUDA, and backends that never synchronise with the host (the Triton ones); the torch
+    references read metadata with .tolist(), which a capture forbids."""
+    return (
+        device.type == "cuda"
+        and isinstance(model.attention, TritonPagedAttention)
+        and isinstance(model.moe, TritonMoE)
+    )
 
 
 class ModelRunner:
@@ -36,13 +65,28 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        cuda_graph_sizes: Sequence[int] | None = None,
     ) -> None:
+        """cuda_graph_sizes: decode batch sizes to replay as CUDA graphs; None: the defaults
+        where graphs_supported(), else none; () turns graphs off."""
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_groups = len(model.config.kv_groups)
         self.kv_caches = allocate_kv_caches(
             model.config, blocks_per_group, block_size, dtype, device
+        )
+        supported = graphs_supported(model, device)
+        if cuda_graph_sizes is None:
+            cuda_graph_sizes = DEFAULT_GRAPH_SIZES if supported else ()
+        if cuda_graph_sizes and not supported:
+            raise ValueError(
+                "cuda_graph_sizes needs a CUDA device and the Triton attention and MoE backends"
+            )
+        self.decode_graphs = (
+            DecodeGraphs(model, self.kv_caches, block_size, cuda_graph_sizes)
+            if cuda_graph_sizes
+            else None
         )
 
     def _inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -66,15 +110,167 @@ class ModelRunner:
         """Run the step; return fp32 logits [n_sampling, vocab] in `out.scheduled` order
         of the requests whose `needs_sample` is set. after_layer(i) runs once layer i's
         KV is in the cache."""
-        input_ids, positions, metadata = self._inputs(out)
-        hidden = self.model(input_ids, positions, metadata, self.kv_caches, after_layer)  # [T, d]
         last = []
         end = 0
         for r in out.scheduled:
             end += r.num_new_tokens
             if r.needs_sample:
                 last.append(end - 1)
+        graphs = self.decode_graphs
+        if graphs is not None and after_layer is None and graphs.accepts(out.scheduled):
+            logits = graphs.run(out.scheduled)  # [B, V] fp32, one row per sequence
+            if len(last) == len(out.scheduled):
+                return logits.clone()  # the graph's buffer is overwritten by the next replay
+            index = torch.tensor(last, dtype=torch.long, device=self.device)
+            return logits.index_select(0, index)
+        input_ids, positions, metadata = self._inputs(out)
+        hidden = self.model(input_ids, positions, metadata, self.kv_caches, after_layer)  # [T, d]
         if not last:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         index = torch.tensor(last, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, index))  # [n, V] fp32
+
+
+class DecodeGraphs:
+    """CUDA graphs of whole decode steps (forward and logits), one per padded batch size.
+
+    Every graph reads the same static buffers (views of their first S rows), so a step
+    only copies its inputs in and replays. The graphs share one memory pool; they are
+    replayed one at a time on the current stream, and each one's logits are copied out
+    before the next replay.
+    """
+
+    def __init__(
+        self,
+        model: GptOssModel,
+        kv_caches: Sequence[KVCache],
+        block_size: int,
+        sizes: Sequence[int],
+    ) -> None:
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"cuda_graph_sizes must be >= 1, got {sorted(sizes)}")
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sizes = sorted(set(sizes))
+        rows = self.sizes[-1]
+        # A table row covers the model's longest sequence; the kernels read only the
+        # entries below seq_len / block_size, so stale entries past a step's width are safe.
+        self.max_blocks = -(-model.config.max_position_embeddings // block_size)
+        device = model.device
+        num_groups = len(model.config.kv_groups)
+
+        def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.input_ids = buffer((rows,), torch.int64)
+        self.positions = buffer((rows,), torch.int64)
+        self.seq_lens = buffer((rows,), torch.int32)
+        # One token per sequence: query_start_loc is 0, 1, ..., rows for every size.
+        self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
+        self.block_tables = [
+            buffer((rows, self.max_blocks), torch.int32) for _ in range(num_groups)
+        ]
+        self.slot_mapping = [buffer((rows,), torch.int64) for _ in range(num_groups)]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool: tuple[int, int] | None = None  # made at the first capture (needs CUDA)
+
+    def accepts(self, scheduled: Sequence[ScheduledRequest]) -> bool:
+        """A decode step that fits: 1..max size sequences of one new token each, tables
+        within the static width."""
+        if not scheduled or len(scheduled) > self.sizes[-1]:
+            return False
+        return all(
+            r.num_new_tokens == 1 and all(len(table) <= self.max_blocks for table in r.block_tables)
+            for r in scheduled
+        )
+
+    def padded_size(self, batch: int) -> int:
+        """The captured size a batch of `batch` sequences runs at."""
+        return next(s for s in self.sizes if s >= batch)
+
+    def run(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Replay the step; fp32 logits [B, V], a view of the graph's output buffer."""
+        size = self.padded_size(len(scheduled))
+        if size not in self.graphs:
+            self._capture(size)
+        self._fill(scheduled, size)
+        self.graphs[size].replay()
+        return self.logits[size][: len(scheduled)]
+
+    def run_eagerly(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """The same padded step over the static buffers, launched without a graph (any
+        device): what a replay computes, for checks. fp32 logits [B, V]."""
+        size = self.padded_size(len(scheduled))
+        self._fill(scheduled, size)
+        return self._step(size)[: len(scheduled)]
+
+    def _fill(self, scheduled: Sequence[ScheduledRequest], size: int) -> None:
+        """Copy the step's inputs into rows [0, B) and padding into rows [B, size)."""
+        batch = len(scheduled)
+        pad = size - batch
+        bs = self.block_size
+        ids = [r.token_ids[0] for r in scheduled] + [0] * pad
+        positions = [r.start_position for r in scheduled] + [0] * pad
+        seq_lens = [r.seq_len for r in scheduled] + [1] * pad
+        self.input_ids[:size].copy_(torch.tensor(ids, dtype=torch.int64))
+        self.positions[:size].copy_(torch.tensor(positions, dtype=torch.int64))
+        self.seq_lens[:size].copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        for g, (tables, slots) in enumerate(zip(self.block_tables, self.slot_mapping, strict=True)):
+            rows = [r.block_tables[g] for r in scheduled]
+            width = max(len(row) for row in rows)
+            padded = [list(row) + [-1] * (width - len(row)) for row in rows]
+            padded += [[0] * width for _ in range(pad)]
+            new_slots = []
+            for r, row in zip(scheduled, rows, strict=True):
+                block = row[r.start_position // bs]
+                if block < 0:
+                    raise ValueError(
+                        f"group {g} request {r.request_id}: no block for new token at "
+                        f"position {r.start_position}"
+                    )
+                new_slots.append(block * bs + r.start_position % bs)
+            tables[:size, :width].copy_(torch.tensor(padded, dtype=torch.int32))
+            slots[:size].copy_(torch.tensor(new_slots + [-1] * pad, dtype=torch.int64))
+
+    def _reset_padding(self, size: int) -> None:
+        """Every row of [0, size) a padding row: what warm-up and capture run on."""
+        self.input_ids[:size].zero_()
+        self.positions[:size].zero_()
+        self.seq_lens[:size].fill_(1)
+        for tables, slots in zip(self.block_tables, self.slot_mapping, strict=True):
+            tables[:size].zero_()
+            slots[:size].fill_(-1)
+
+    def _step(self, size: int) -> torch.Tensor:
+        """The forward of a size-row decode step over the static buffers -> logits [S, V]."""
+        metadata = AttentionMetadata(
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            groups=tuple(
+                KVGroupTables(block_tables=tables[:size], slot_mapping=slots[:size])
+                for tables, slots in zip(self.block_tables, self.slot_mapping, strict=True)
+            ),
+        )
+        hidden = self.model(
+            self.input_ids[:size], self.positions[:size], metadata, self.kv_caches
+        )  # [S, d]
+        return self.model.compute_logits(hidden)
+
+    def _capture(self, size: int) -> None:
+        # Padding rows write nothing, so warm-up and capture leave the KV cache untouched.
+        self._reset_padding(size)
+        # Warm up on a side stream (Triton compiles, the allocator settles), as capture needs.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(size)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a KV-transfer thread's CUDA calls during the capture are not errors.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            self.logits[size] = self._step(size)
+        self.graphs[size] = graph

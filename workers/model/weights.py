@@ -35,6 +35,7 @@ from workers.model.config import (
 from workers.model.gpt_oss import GptOssModel
 from workers.model.layers import MoEBlock
 from workers.model.moe import MoEBackend
+from workers.model.triton_backends import make_backends
 
 __all__ = ["CheckpointError", "CheckpointFiles", "load_model", "resolve_checkpoint"]
 
@@ -82,11 +83,17 @@ def load_model(
     """Build and fill a GptOssModel from a checkpoint directory.
 
     dtype None means bfloat16 on CUDA and float32 elsewhere (CPU has no fast bf16 matmul).
+    A backend left None is the default for the device: the Triton kernels on CUDA, the
+    torch references elsewhere (workers.model.triton_backends.make_backends).
     """
     files, config = resolve_checkpoint(checkpoint_dir)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if attention is None or moe is None:
+        default_attention, default_moe = make_backends(None, device)
+        attention = attention if attention is not None else default_attention
+        moe = moe if moe is not None else default_moe
     model = GptOssModel(config, dtype=dtype, attention=attention, moe=moe, device=device)
     specs = _original_specs(model) if files.layout == "original" else _hf_specs(model)
     _check_names(files, specs)
