@@ -15,7 +15,10 @@ Packed weight row (one output row n of expert e, K inputs, G = K / 32 groups):
 A tile of BLOCK_K inputs is BLOCK_K / 2 bytes per row. Rather than interleaving the low
 and high nibbles back into one [N, BLOCK_K] weight tile, each K step splits the (smaller)
 activation tile into even and odd inputs and does two dots: even inputs against the low
-nibbles, odd inputs against the high ones.
+nibbles, odd inputs against the high ones. That is the fp32 path; bf16 and fp16 activations
+(SCALED_FORMAT) hand the packed bytes and scales to tl.dot_scaled instead, which decodes
+them itself and was 1.1-1.2x faster on an H100 at T = 64..2048 (the register decode was
+about half the old path's time at T = 64, a third at T = 2048: measured by stubbing it out).
 """
 
 import triton
@@ -63,6 +66,35 @@ def _load_mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, k0, row_bytes, grou
 
 
 @triton.jit
+def _dot_scaled_mxfp4(acc, a, blocks_ptr, scales_ptr, rows, row_mask, k0, row_bytes, groups,
+                      A_FORMAT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a @ W[rows, k0 : k0 + BLOCK_K]^T with W given as packed MXFP4 (tl.dot_scaled).
+
+    a: activations [BM, BK] (bf16 or fp16, named by A_FORMAT). The packed bytes [BN, BK/2]
+    transposed are the E2M1 right operand packed along K, as dot_scaled expects, and the
+    scale bytes [BN, BK/32] its E8M0 scales: Triton decodes them next to the MMA, which
+    measured 1.1-1.2x faster than decoding them here (see the module docstring).
+    """
+    byte_offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)                      # [KH]
+    packed = tl.load(blocks_ptr + rows[:, None] * row_bytes + byte_offs[None, :],
+                     mask=row_mask[:, None] & (byte_offs < row_bytes)[None, :],
+                     other=0)                                               # [BN, KH] uint8
+    group_offs = k0 // 32 + tl.arange(0, BLOCK_K // 32)                    # [KG]
+    scale_byte = tl.load(scales_ptr + rows[:, None] * groups + group_offs[None, :],
+                         mask=row_mask[:, None] & (group_offs < groups)[None, :],
+                         other=0)                                           # [BN, KG] uint8
+    return tl.dot_scaled(a, None, A_FORMAT, tl.trans(packed), scale_byte, "e2m1", acc)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_mask, stride, k0, K, BLOCK_K: tl.constexpr):
+    """Activations [rows, k0 : k0 + BLOCK_K], zero outside the rows and past K."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(ptr + rows[:, None] * stride + offs[None, :],
+                   mask=row_mask[:, None] & (offs < K)[None, :], other=0.0)   # [BM, BK]
+
+
+@triton.jit
 def _load_even_odd(ptr, rows, row_mask, stride, k0, K, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """Activations [rows, k0 : k0 + BLOCK_K] read contiguously, split into (even, odd) inputs."""
@@ -92,7 +124,7 @@ def _gate_up_swiglu_kernel(
     num_pairs, d_model, d_ff, row_bytes, groups, stride_x, stride_act,
     swiglu_limit, alpha,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED_FORMAT: tl.constexpr,
 ):
     """act[pair, j] = swiglu(x[token] . W1[e, 2j] + b1[e, 2j], x[token] . W1[e, 2j+1] + ...)."""
     pid_m = tl.program_id(0)
@@ -112,16 +144,24 @@ def _gate_up_swiglu_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_model, BLOCK_K):
-        x_even, x_odd = _load_even_odd(x_ptr, tokens, row_valid, stride_x, k0, d_model,
-                                       BLOCK_M, BLOCK_K)                    # [BM, BK/2] each
-        g_even, g_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, gate_rows, col_valid, k0,
-                                         row_bytes, groups, BLOCK_N, BLOCK_K)
-        u_even, u_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, up_rows, col_valid, k0,
-                                         row_bytes, groups, BLOCK_N, BLOCK_K)
-        acc_gate = _dot(x_even, g_even, acc_gate, DOT_FP32, DOT_PRECISION)
-        acc_gate = _dot(x_odd, g_odd, acc_gate, DOT_FP32, DOT_PRECISION)
-        acc_up = _dot(x_even, u_even, acc_up, DOT_FP32, DOT_PRECISION)
-        acc_up = _dot(x_odd, u_odd, acc_up, DOT_FP32, DOT_PRECISION)
+        if SCALED_FORMAT != "":
+            x_tile = _load_rows(x_ptr, tokens, row_valid, stride_x, k0, d_model, BLOCK_K)
+            acc_gate = _dot_scaled_mxfp4(acc_gate, x_tile, blocks_ptr, scales_ptr, gate_rows,
+                                         col_valid, k0, row_bytes, groups, SCALED_FORMAT,
+                                         BLOCK_K)
+            acc_up = _dot_scaled_mxfp4(acc_up, x_tile, blocks_ptr, scales_ptr, up_rows,
+                                       col_valid, k0, row_bytes, groups, SCALED_FORMAT, BLOCK_K)
+        else:
+            x_even, x_odd = _load_even_odd(x_ptr, tokens, row_valid, stride_x, k0, d_model,
+                                           BLOCK_M, BLOCK_K)                # [BM, BK/2] each
+            g_even, g_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, gate_rows, col_valid, k0,
+                                             row_bytes, groups, BLOCK_N, BLOCK_K)
+            u_even, u_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, up_rows, col_valid, k0,
+                                             row_bytes, groups, BLOCK_N, BLOCK_K)
+            acc_gate = _dot(x_even, g_even, acc_gate, DOT_FP32, DOT_PRECISION)
+            acc_gate = _dot(x_odd, g_odd, acc_gate, DOT_FP32, DOT_PRECISION)
+            acc_up = _dot(x_even, u_even, acc_up, DOT_FP32, DOT_PRECISION)
+            acc_up = _dot(x_odd, u_odd, acc_up, DOT_FP32, DOT_PRECISION)
 
     gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=col_valid, other=0.0).to(tl.float32)[
         None, :]
@@ -140,7 +180,7 @@ def _down_kernel(
     pair_ids_ptr, block_expert_ptr,
     num_pairs, d_model, d_ff, row_bytes, groups, stride_act, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALED_FORMAT: tl.constexpr,
 ):
     """y[pair, n] = w_pair * (act[pair] . W2[e, n] + b2[e, n]), one row per (token, slot)."""
     pid_m = tl.program_id(0)
@@ -158,12 +198,17 @@ def _down_kernel(
     w_rows = expert.to(tl.int64) * d_model + cols
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_ff, BLOCK_K):
-        a_even, a_odd = _load_even_odd(act_ptr, act_rows, row_valid, stride_act, k0, d_ff,
-                                       BLOCK_M, BLOCK_K)
-        w_even, w_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, w_rows, col_valid, k0,
-                                         row_bytes, groups, BLOCK_N, BLOCK_K)
-        acc = _dot(a_even, w_even, acc, DOT_FP32, DOT_PRECISION)
-        acc = _dot(a_odd, w_odd, acc, DOT_FP32, DOT_PRECISION)
+        if SCALED_FORMAT != "":
+            a_tile = _load_rows(act_ptr, act_rows, row_valid, stride_act, k0, d_ff, BLOCK_K)
+            acc = _dot_scaled_mxfp4(acc, a_tile, blocks_ptr, scales_ptr, w_rows, col_valid, k0,
+                                    row_bytes, groups, SCALED_FORMAT, BLOCK_K)
+        else:
+            a_even, a_odd = _load_even_odd(act_ptr, act_rows, row_valid, stride_act, k0, d_ff,
+                                           BLOCK_M, BLOCK_K)
+            w_even, w_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, w_rows, col_valid, k0,
+                                             row_bytes, groups, BLOCK_N, BLOCK_K)
+            acc = _dot(a_even, w_even, acc, DOT_FP32, DOT_PRECISION)
+            acc = _dot(a_odd, w_odd, acc, DOT_FP32, DOT_PRECISION)
 
     bias = tl.load(bias_ptr + w_rows, mask=col_valid, other=0.0).to(tl.float32)
     route_weight = tl.load(route_weight_ptr + pairs, mask=row_valid, other=0.0)

@@ -246,6 +246,9 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
     num_blocks = groups.block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     dot_fp32 = x.device.type == "cpu"  # the Triton interpreter: no bf16 matmul in numpy
+    # tl.dot_scaled takes bf16/fp16 activations with the packed weights as they are; fp32
+    # activations keep the in-register decode and exact fp32 dots.
+    scaled_format = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "")
 
     act = torch.empty((num_blocks * tiling.block_m, d_ff), dtype=x.dtype, device=x.device)
     grid = (num_blocks, triton.cdiv(d_ff, tiling.block_n))
@@ -255,7 +258,7 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         groups.num_pairs, d_model, d_ff, gate_up_blocks.stride(1), gate_up_scales.stride(1),
         x.stride(0), act.stride(0), float(swiglu_limit), float(alpha),
         TOP_K=top_k, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
 
@@ -267,7 +270,7 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         groups.num_pairs, d_model, d_ff, down_blocks.stride(1), down_scales.stride(1),
         act.stride(0), y.stride(0),
         BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     return y.view(num_tokens, top_k, d_model).sum(dim=1).to(x.dtype)

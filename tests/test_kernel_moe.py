@@ -194,6 +194,13 @@ def test_moe_kernel_odd_shapes() -> None:
     check_kernel(6, torch.bfloat16, num_experts=4, d_model=96, d_ff=32, top_k=3, seed=8)
 
 
+def test_moe_kernel_half_precision_grouped() -> None:
+    # bf16/fp16 take tl.dot_scaled on the packed weights; d = 96 leaves a masked K tail.
+    check_kernel(17, torch.float16, tiling=MoETiling(16, 32, 64), seed=11)
+    check_kernel(6, torch.bfloat16, num_experts=4, d_model=96, d_ff=32, top_k=3,
+                 tiling=MoETiling(16, 32, 64), seed=12)
+
+
 def test_moe_kernel_zero_tokens() -> None:
     w = make_weights(5, 64, 64, seed=9)
     out = moe_mxfp4(torch.empty(0, 64, device=DEVICE), **w, top_k=2)
