@@ -3,7 +3,8 @@
     tandem make-tiny-model DIR [--seed S]
     tandem generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3 | --prompts-file F [--ids])
                     --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--json]
-    tandem serve    [--model DIR] [--host H] [--grpc-port P]
+    tandem serve    [--model DIR] [--config FILE] [--prefill N] [--decode M] [--host H]
+                    [--grpc-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
     tandem client   [--target HOST:PORT] (--prompt TEXT | --chat TEXT | --health) ...
 
 Every command that takes `--model` uses the embedded tiny model when none is given.
@@ -17,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cluster import client_cli
-from cluster.api import DEFAULT_GRPC_PORT
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -89,37 +89,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import os
-    import signal
+    from cluster.serve_cmd import run_serve
 
-    from cluster.api.backend import InProcessBackend
-    from cluster.api.server import ServerConfig, TandemServer
-    from workers.engine import EngineConfig
-    from workers.tiny_model import resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model)
-    api_key = os.environ.get(args.api_key_env) or None
-
-    async def run() -> None:
-        backend = InProcessBackend.from_model_dir(model_dir, EngineConfig(device=args.device))
-        server = await TandemServer.start(
-            backend, ServerConfig(host=args.host, port=args.grpc_port, api_key=api_key)
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        # Single-process mode: one engine behind the gRPC API, until the cluster lands.
-        print(f"tandem: serving {model_dir} (one process) on grpc://{server.target}", flush=True)
-        print(f"tandem: try `tandem client --target {server.target} --prompt hello`", flush=True)
-        await stop.wait()
-        print("tandem: shutting down", flush=True)
-        await server.stop(grace_s=5.0)
-        await backend.close()
-
-    asyncio.run(run())
-    return 0
+    return run_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,16 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 or bfloat16")
     gen.set_defaults(run=_cmd_generate)
 
-    serve = sub.add_parser("serve", help="serve the model over gRPC")
+    serve = sub.add_parser("serve", help="run the cluster (Ray Serve) on this machine")
     serve.add_argument("--model", default=None, help="checkpoint directory (default: embedded)")
-    serve.add_argument("--host", default="127.0.0.1", help="address the gRPC server binds")
-    serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    serve.add_argument(
+        "--config", default=None, help="Serve config file (default: deploy/serve-config.yaml)"
+    )
+    serve.add_argument("--prefill", type=int, default=None, help="prefill replicas")
+    serve.add_argument("--decode", type=int, default=None, help="decode replicas")
+    serve.add_argument("--host", default=None, help="address the gRPC server binds")
+    serve.add_argument("--grpc-port", type=int, default=None)
+    serve.add_argument(
+        "--redis-url", default=None, help="control-plane Redis (default: start a private one)"
+    )
     serve.add_argument(
         "--api-key-env",
-        default="TANDEM_API_KEY",
-        help="environment variable holding the API key (unset: no key)",
+        default=None,
+        help="environment variable holding the API key (default: the config's, "
+        "TANDEM_API_KEY)",
     )
-    serve.add_argument("--device", default=None)
+    serve.add_argument("--device", default=None, help="engine device of both pools")
     serve.set_defaults(run=_cmd_serve)
 
     client_cli.register(sub)

@@ -18,12 +18,13 @@ Pure Python; it imports only the block-hash function of workers/.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from workers.kv.block_hash import BlockHash, hash_prompt_blocks
+from workers.kv.block_hash import BlockHash, hash_block, hash_prompt_blocks
 
 FULL = "full"
 SLIDING = "sliding"
+_NOBODY: frozenset[str] = frozenset()
 
 
 def sliding_blocks(sliding_window: int | None, block_size: int) -> int:
@@ -43,6 +44,16 @@ def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[Block
     prompt (the engine recomputes at least the last token to get its logits)."""
     usable = max(0, (len(token_ids) - 1) // block_size)
     return hash_prompt_blocks(token_ids[: usable * block_size], block_size)
+
+
+def _lazy_hashes(token_ids: Sequence[int], block_size: int) -> Iterator[BlockHash]:
+    """prompt_block_hashes, one block at a time, computed only when asked for."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    parent = None
+    for start in range(0, (len(token_ids) - 1) // block_size * block_size, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        yield parent
 
 
 class PrefixIndex:
@@ -104,44 +115,63 @@ class PrefixIndex:
         sliding_blocks: int = 0,
     ) -> dict[str, int]:
         """Prompt tokens each worker would find in its prefix cache (whole blocks)."""
-        hashes = prompt_block_hashes(token_ids, block_size)
-        matched = self.matched_blocks(hashes, workers, sliding_blocks)
+        matched = self.matched_blocks(_lazy_hashes(token_ids, block_size), workers, sliding_blocks)
         return {w: n * block_size for w, n in matched.items()}
 
     def matched_blocks(
         self,
-        hashes: Sequence[BlockHash],
+        hashes: Iterable[BlockHash],
         workers: Iterable[str],
         sliding_blocks: int = 0,
     ) -> dict[str, int]:
         """Cached prefix length, in blocks, of the prompt with these block hashes on each
         worker. sliding_blocks: how many blocks before the hit the sliding group must
-        hold (ceil((window - 1) / block_size)); 0 when the model has no sliding layers."""
+        hold (ceil((window - 1) / block_size)); 0 when the model has no sliding layers.
+        `hashes` is consumed only while some worker still matches: a lazy iterable
+        (cached_prompt_tokens) hashes no block past the longest cached prefix."""
         result = {w: 0 for w in workers}
         alive = set(result)
+        seen: list[BlockHash] = []
         # Walk the chain once, shrinking the set of workers still matching.
-        for i, h in enumerate(hashes):
-            holders = self._holders.get((FULL, h), set())
-            for w in alive - holders:
-                result[w] = i
-            alive &= holders
-            if not alive:
-                break
-        else:
-            for w in alive:
-                result[w] = len(hashes)
+        for h in hashes if alive else ():
+            holders = self._holders.get((FULL, h), _NOBODY)
+            if not alive <= holders:
+                for w in alive - holders:
+                    result[w] = len(seen)
+                alive &= holders
+                if not alive:
+                    break
+            seen.append(h)
+        for w in alive:
+            result[w] = len(seen)
         if sliding_blocks:
+            # Who holds each block in the sliding group, looked up once for all workers.
+            sliding: dict[int, set[str] | frozenset[str]] = {}
             for w, n in result.items():
-                result[w] = self._sliding_hit(w, hashes, n, sliding_blocks)
+                result[w] = self._sliding_hit(w, seen, n, sliding_blocks, sliding)
         return result
 
-    def _sliding_hit(self, worker: str, hashes: Sequence[BlockHash], n: int, need: int) -> int:
-        """Largest hit <= n whose preceding `need` blocks the sliding group holds."""
-        while n > 0:
-            first = max(0, n - need)
-            missing = [i for i in range(first, n) if not self.holds(worker, SLIDING, hashes[i])]
-            if not missing:
-                return n
-            # A hit ending at or before the last missing block is the next candidate.
-            n = missing[-1]
-        return 0
+    def _sliding_hit(
+        self,
+        worker: str,
+        hashes: Sequence[BlockHash],
+        n: int,
+        need: int,
+        sliding: dict[int, set[str] | frozenset[str]],
+    ) -> int:
+        """Largest hit <= n whose preceding `need` blocks the sliding group holds: right to
+        left, the first run of `need` held blocks ends it (one pass, as the engine's
+        _SlidingWindowTables.longest_hit); fewer blocks than that before the hit point
+        only suffice from block 0. `sliding` caches block index -> holders."""
+        run = 0
+        for i in range(n - 1, -1, -1):
+            holders = sliding.get(i)
+            if holders is None:
+                holders = sliding[i] = self._holders.get((SLIDING, hashes[i]), _NOBODY)
+            if worker not in holders:
+                run = 0
+                continue
+            run += 1
+            if run == need:
+                return i + run
+        return run

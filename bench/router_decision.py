@@ -1,0 +1,189 @@
+"""Placement decision latency of an ingress replica, with a large prefix index.
+
+    .venv/bin/python bench/router_decision.py [--workers 16] [--blocks 100000]
+        [--decisions 20000] [--block-size 16] [--window 128]
+
+Builds the state an ingress holds in a busy cluster: a PrefixIndex of `--blocks` blocks
+(full and sliding groups) over `--workers` workers (half prefill, half decode) fed
+through PrefixIndexFeeder.apply, as from the KV event streams, and registry records
+with load. Then times IngressPlacement.place(), the call the request path makes (through
+ClusterBackend.place): load view from the records and in-flight counts, the prompt's
+chained block hashes, the lookup in the index (sliding-window rule included), both
+pools' prefix-aware policies, the disaggregation decision and its accounting. Prompts
+are a mix of continuations of cached conversations (long matches), prompts sharing only
+a hot system prompt, and cold ones.
+Prints p50 / p90 / p99 / max per prompt kind and overall, for place() and for place()
+less the time its prompt hashing takes (workers.kv.block_hash, about 3 us a block in
+Python; it grows with the cached prefix, the rest does not). No Redis, no Ray: the
+stream reader is never asked to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+
+from cluster.index_feeder import PrefixIndexFeeder
+from cluster.placement import IngressPlacement, PlacementConfig
+from router.policies import DisaggRule, PrefixAware, PrefixAwareConfig
+from router.prefix_index import FULL, SLIDING, prompt_block_hashes
+from workers.control_plane import (
+    KVEvent,
+    KVEventEntry,
+    KVEventReader,
+    WorkerCapacity,
+    WorkerInfo,
+    WorkerLoad,
+)
+from workers.kv.block_hash import hash_prompt_blocks
+
+
+def _workers(n: int, rng: random.Random) -> list[WorkerInfo]:
+    out = []
+    for i in range(n):
+        role = "prefill" if i < n // 2 else "decode"
+        out.append(
+            WorkerInfo(
+                replica_id=f"{role[0]}{i:02d}",
+                role=role,
+                model="m",
+                capacity=WorkerCapacity(max_num_seqs=256, kv_blocks=(32768, 4096), block_size=16),
+                load=WorkerLoad(
+                    running=rng.randrange(64),
+                    waiting=rng.randrange(8),
+                    queued_prompt_tokens=rng.randrange(20_000),
+                    kv_usage=rng.random(),
+                ),
+            )
+        )
+    return out
+
+
+def _stored(worker: str, group: str, block_hash: bytes, block_size: int) -> KVEventEntry:
+    return KVEventEntry(worker, "", KVEvent.stored(group, block_hash, None, block_size))
+
+
+def _fill(
+    feeder: PrefixIndexFeeder,
+    workers: list[WorkerInfo],
+    blocks: int,
+    block_size: int,
+    window_blocks: int,
+    rng: random.Random,
+) -> tuple[list[int], list[list[int]]]:
+    """Conversations of 16..256 blocks, each cached on one worker of each pool (full
+    group: every block; sliding group: the window before its end), until the index
+    holds `blocks` blocks. Returns the hot system prompt and the conversations."""
+    vocab = 200_000
+    system = [rng.randrange(vocab) for _ in range(64 * block_size)]
+    prefill = [w.replica_id for w in workers if w.role == "prefill"]
+    decode = [w.replica_id for w in workers if w.role == "decode"]
+    conversations = []
+    for w in prefill + decode:
+        feeder.apply(
+            _stored(w, FULL, h, block_size) for h in prompt_block_hashes(system + [0], block_size)
+        )
+    while feeder.index.num_blocks() < blocks:
+        tokens = system + [rng.randrange(vocab) for _ in range(rng.randint(16, 256) * block_size)]
+        hashes = prompt_block_hashes(tokens + [0], block_size)
+        for w in (rng.choice(prefill), rng.choice(decode)):
+            entries = [_stored(w, FULL, h, block_size) for h in hashes]
+            entries += [_stored(w, SLIDING, h, block_size) for h in hashes[-window_blocks:]]
+            feeder.apply(entries)
+        conversations.append(tokens)
+    return system, conversations
+
+
+def _percentiles(samples: list[float]) -> str:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=100, method="inclusive")
+    return (
+        f"p50 {q[49] * 1e3:.3f} ms  p90 {q[89] * 1e3:.3f} ms  p99 {q[98] * 1e3:.3f} ms  "
+        f"max {s[-1] * 1e3:.3f} ms  (n={len(s)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--blocks", type=int, default=100_000)
+    parser.add_argument("--decisions", type=int, default=20_000)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    workers = _workers(args.workers, rng)
+    config = PlacementConfig(
+        rule=DisaggRule(local_prefill_threshold=256, skip_prefill_cached_fraction=0.5),
+        block_size=args.block_size,
+        sliding_window=args.window,
+    )
+    # The reader is never asked to read: apply() feeds the index directly.
+    feeder = PrefixIndexFeeder(KVEventReader("redis://127.0.0.1:1", cluster="bench"))
+    placement = IngressPlacement(
+        decode_policy=PrefixAware(PrefixAwareConfig(kv_weight=0.05)),
+        prefill_policy=PrefixAware(),
+        config=config,
+        index=feeder,
+    )
+    started = time.perf_counter()
+    system, conversations = _fill(
+        feeder, workers, args.blocks, args.block_size, config.sliding_blocks, rng
+    )
+    fill_s = time.perf_counter() - started
+    index = feeder.index
+    ids = [w.replica_id for w in workers]
+
+    def prompt(kind: str) -> list[int]:
+        tail = [rng.randrange(200_000) for _ in range(rng.randint(20, 400))]
+        if kind == "continuation":
+            return rng.choice(conversations) + tail
+        if kind == "system_prompt":
+            return system + tail * 4
+        return [rng.randrange(200_000) for _ in range(rng.randint(500, 4000))]
+
+    kinds = ("continuation", "system_prompt", "cold")
+    # Warm-up, then interleaved kinds so each sees the same machine noise.
+    for _ in range(200):
+        placement.place(prompt(rng.choice(kinds)), workers)
+    place_s: dict[str, list[float]] = {k: [] for k in kinds}
+    # The same decisions without the prompt hashing place() did (the chained hashes of
+    # the blocks up to the longest cached prefix, and one more to see it end).
+    unhashed_s: dict[str, list[float]] = {k: [] for k in kinds}
+    lengths: list[int] = []
+    for i in range(args.decisions):
+        kind = kinds[i % len(kinds)]
+        p = prompt(kind)
+        lengths.append(len(p))
+        t0 = time.perf_counter()
+        placement.place(p, workers)
+        t1 = time.perf_counter()
+        hashes = prompt_block_hashes(p, args.block_size)
+        longest = max(index.matched_blocks(hashes, ids).values())
+        t2 = time.perf_counter()
+        hash_prompt_blocks(p[: min(len(hashes), longest + 1) * args.block_size], args.block_size)
+        t3 = time.perf_counter()
+        place_s[kind].append(t1 - t0)
+        unhashed_s[kind].append(max(0.0, (t1 - t0) - (t3 - t2)))
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
+    print(
+        f"index: {index.num_blocks()} blocks over {len(index.workers)} workers "
+        f"({len(conversations)} conversations), block {args.block_size}, window {args.window}; "
+        f"filled in {fill_s:.1f} s ({index.num_blocks() / fill_s:,.0f} events/s applied)"
+    )
+    print(f"prompts: {min(lengths)}..{max(lengths)} tokens, mean {statistics.mean(lengths):.0f}")
+    for name, samples in (("place()", place_s), ("unhashed", unhashed_s)):
+        for kind in kinds:
+            print(f"{name:9s} {kind:13s} {_percentiles(samples[kind])}")
+        print(f"{name:9s} {'all':13s} {_percentiles([x for v in samples.values() for x in v])}")
+
+
+if __name__ == "__main__":
+    main()

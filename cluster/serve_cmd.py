@@ -1,0 +1,129 @@
+"""`tandem serve`: the whole cluster on this machine, from one Serve config file.
+
+    tandem serve [--model DIR] [--config FILE] [--prefill N] [--decode M]
+                 [--host H] [--grpc-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
+
+    1. load and validate the config (deploy/serve-config.yaml unless --config), flags on top
+    2. a private redis-server (LocalRedis) unless a Redis URL is given
+    3. a local Ray with enough logical CPUs for every replica's request
+    4. the application through serve.run (Serve's HTTP proxy off: clients speak gRPC)
+    5. print the gRPC target; on Ctrl-C or SIGTERM shut Serve, Ray and Redis down in turn
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+from contextlib import ExitStack
+from dataclasses import replace
+
+from cluster.config import AppConfig, ConfigError, ConfigOverrides, load_app_config
+
+
+def overrides_from_args(args: argparse.Namespace) -> ConfigOverrides:
+    return ConfigOverrides(
+        prefill_replicas=args.prefill,
+        decode_replicas=args.decode,
+        model=args.model,
+        redis_url=args.redis_url,
+        grpc_host=args.host,
+        grpc_port=args.grpc_port,
+        api_key_env=args.api_key_env,
+        device=args.device,
+    )
+
+
+def logical_cpus(config: AppConfig) -> int:
+    """CPUs to give the local Ray: every fixed replica's num_cpus (autoscaled ones at
+    their initial or minimum count), and at least the machine's core count."""
+    total = 0.0
+    for d in config.deployments.values():
+        options = d.options()
+        count = options.get("num_replicas")
+        if not isinstance(count, int):
+            scaling = options.get("autoscaling_config") or {}
+            count = scaling.get("initial_replicas") or scaling.get("min_replicas") or 1
+        cpus = (options.get("ray_actor_options") or {}).get("num_cpus", 1)
+        total += count * cpus
+    return max(math.ceil(total), os.cpu_count() or 1)
+
+
+def _grpc_target(config: AppConfig) -> str:
+    grpc = config.settings.grpc
+    host = "127.0.0.1" if grpc.host in ("0.0.0.0", "::", "[::]") else grpc.host
+    return f"{host}:{grpc.port}"
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived: unwind, shutting down what was started so far."""
+
+
+def _on_stop_signals(handler) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def _stop(signum: int, frame: object) -> None:
+    # A second signal cuts the current shutdown step short (KeyboardInterrupt); the steps
+    # after it still run, and atexit still stops the private redis-server.
+    _on_stop_signals(signal.default_int_handler)
+    raise _Stopped
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """The `tandem serve` command; returns the exit status."""
+    overrides = overrides_from_args(args)
+    try:
+        config = load_app_config(args.config, overrides)
+    except ConfigError as err:
+        raise SystemExit(f"tandem serve: {err}") from None
+    settings = config.settings
+
+    # Imported here: the other commands must not pay for Ray's import.
+    import ray
+    from ray import serve
+
+    from cluster.app import build_application
+    from cluster.redis_server import LocalRedis
+
+    _on_stop_signals(_stop)
+    try:
+        with ExitStack() as cleanup:
+            # The embedded model is made once here rather than raced by every replica; a
+            # given directory is checked before any replica tries to load it.
+            try:
+                overrides = replace(overrides, model=str(settings.resolve_model_dir()))
+            except FileNotFoundError as err:
+                raise SystemExit(f"tandem serve: {err}") from None
+            if settings.redis_url is None and not os.environ.get(settings.redis_url_env):
+                redis = cleanup.enter_context(LocalRedis())
+                overrides = replace(overrides, redis_url=redis.url)
+                print(f"tandem: private redis-server on {redis.redacted_url}", flush=True)
+            config = load_app_config(args.config, overrides)
+            # The replicas inherit this process's environment: the API key and Redis URL
+            # variables reach them without passing through the config.
+            ray.init(num_cpus=logical_cpus(config), include_dashboard=False)
+            cleanup.callback(ray.shutdown)
+            # ray.init installs a SIGTERM handler of its own (sys.exit); ours unwinds.
+            _on_stop_signals(_stop)
+            serve.start(
+                proxy_location=config.serve.proxy_location,
+                logging_config=config.serve.logging_config,
+            )
+            cleanup.callback(serve.shutdown)
+            cleanup.callback(print, "tandem: shutting down", flush=True)
+            serve.run(build_application(config), name=config.app_name, route_prefix=None)
+            target = _grpc_target(config)
+            pools = ", ".join(
+                f"{n} x{d.num_replicas or 'auto'}" for n, d in config.deployments.items()
+            )
+            print(f"tandem: serving {config.settings.model_dir} with {pools}", flush=True)
+            print(f"tandem: gRPC on {target}", flush=True)
+            print(f"tandem: try `tandem client --target {target} --prompt hello`", flush=True)
+            while True:
+                signal.pause()
+    except _Stopped:
+        pass
+    return 0

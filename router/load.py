@@ -1,0 +1,222 @@
+"""The load view placement decides from: one entry per live worker, per pool.
+
+Two sources, joined per replica id:
+
+    Redis registry (every ingress sees the same)      this ingress only (fresh)
+    ───────────────────────────────────────────       ─────────────────────────
+    running, waiting, queued prompt tokens,           requests it sent to the replica
+    KV usage, capacity; as of the last heartbeat      that have not finished yet, and
+                                                      the prompt tokens it left there
+                                                      to compute (until a first token)
+
+Heartbeats lag by up to one interval, so a burst of requests placed between two
+heartbeats would all see the same "least loaded" replica; the in-flight figures close
+that gap. Neither source is complete alone: heartbeats see the other ingress replicas'
+requests, the in-flight figures see this ingress's latest ones. Each pair is joined by
+taking the larger value (`outstanding`, `pending_prompt_tokens`), which never counts a
+request twice.
+
+Pure Python: no torch, no Ray, no Redis client (the caller passes worker records in).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+POOLS: tuple[str, ...] = ("prefill", "decode")
+
+
+class _Load(Protocol):
+    running: int
+    waiting: int
+    queued_prompt_tokens: int
+    kv_usage: float
+
+
+class _Capacity(Protocol):
+    max_num_seqs: int
+    kv_blocks: tuple[int, ...]
+    block_size: int
+
+
+class WorkerRecord(Protocol):
+    """What LoadView reads of a registry record (workers.control_plane.WorkerInfo)."""
+
+    replica_id: str
+    role: str
+    capacity: _Capacity
+    load: _Load
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """One replica as placement sees it."""
+
+    replica_id: str
+    running: int = 0
+    # Sequences in its running batch (heartbeat).
+    waiting: int = 0
+    # Sequences admitted there but not yet scheduled (heartbeat).
+    queued_prompt_tokens: int = 0
+    # Prompt tokens still to prefill there (heartbeat).
+    kv_usage: float = 0.0
+    # Fraction of its KV blocks in use, 0..1 (heartbeat).
+    in_flight: int = 0
+    # Requests this ingress sent there that have not finished (local, fresh).
+    in_flight_prompt_tokens: int = 0
+    # Prompt tokens this ingress left there to compute, not yet computed (local, fresh).
+    max_num_seqs: int = 1
+    # Sequences it runs at once (capacity); normalises the request count.
+    kv_capacity_tokens: int = 0
+    # Tokens its full-attention KV group holds (capacity); scales kv_usage to tokens.
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            raise ValueError("ReplicaLoad.replica_id must be non-empty")
+        for name in (
+            "running",
+            "waiting",
+            "queued_prompt_tokens",
+            "in_flight",
+            "in_flight_prompt_tokens",
+            "kv_capacity_tokens",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ReplicaLoad.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.kv_usage <= 1.0:
+            raise ValueError(f"ReplicaLoad.kv_usage must be within [0, 1], got {self.kv_usage}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"ReplicaLoad.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+    @property
+    def outstanding(self) -> int:
+        """Requests on the replica, as well as this ingress can tell.
+
+        The heartbeat's running + waiting already includes this ingress's requests that
+        had arrived by then, so adding the in-flight count would count them twice; the
+        larger of the two is a lower bound on the truth that never double counts.
+        """
+        return max(self.running + self.waiting, self.in_flight)
+
+    @property
+    def pending_prompt_tokens(self) -> int:
+        """Prompt tokens waiting to be computed there, joined like `outstanding`."""
+        return max(self.queued_prompt_tokens, self.in_flight_prompt_tokens)
+
+    @property
+    def kv_tokens_in_use(self) -> float:
+        """KV held by its running sequences, in tokens (the decode load)."""
+        return self.kv_usage * self.kv_capacity_tokens
+
+
+@dataclass(frozen=True)
+class LoadView:
+    """Replicas per pool, each sorted by replica id (so every policy sees one order)."""
+
+    prefill: tuple[ReplicaLoad, ...] = ()
+    decode: tuple[ReplicaLoad, ...] = ()
+
+    def __post_init__(self) -> None:
+        for pool in POOLS:
+            ids = [r.replica_id for r in getattr(self, pool)]
+            if ids != sorted(set(ids)):
+                raise ValueError(f"LoadView.{pool} must hold distinct replicas sorted by id")
+
+    def pool(self, role: str) -> tuple[ReplicaLoad, ...]:
+        if role not in POOLS:
+            raise ValueError(f"role must be one of {POOLS}, got {role!r}")
+        return getattr(self, role)
+
+    def replica_ids(self) -> list[str]:
+        """Every replica of either pool, once, sorted."""
+        return sorted({r.replica_id for pool in POOLS for r in getattr(self, pool)})
+
+    def imbalance(self, role: str) -> int:
+        """Outstanding requests of the busiest replica of the pool minus the idlest's."""
+        counts = [r.outstanding for r in self.pool(role)]
+        return max(counts) - min(counts) if counts else 0
+
+    @classmethod
+    def from_workers(
+        cls,
+        workers: Iterable[WorkerRecord],
+        in_flight: Mapping[str, int] | None = None,
+        in_flight_prompt_tokens: Mapping[str, int] | None = None,
+    ) -> LoadView:
+        """Join registry records with this ingress's in-flight figures (InFlight).
+
+        A worker of role "both" joins both pools. Replicas with in-flight requests but no
+        record (expired, or not registered yet) are left out: placement only picks what
+        the registry says is alive.
+        """
+        in_flight = in_flight or {}
+        in_flight_prompt_tokens = in_flight_prompt_tokens or {}
+        pools: dict[str, dict[str, ReplicaLoad]] = {pool: {} for pool in POOLS}
+        for worker in workers:
+            entry = ReplicaLoad(
+                replica_id=worker.replica_id,
+                running=worker.load.running,
+                waiting=worker.load.waiting,
+                queued_prompt_tokens=worker.load.queued_prompt_tokens,
+                kv_usage=worker.load.kv_usage,
+                in_flight=in_flight.get(worker.replica_id, 0),
+                in_flight_prompt_tokens=in_flight_prompt_tokens.get(worker.replica_id, 0),
+                max_num_seqs=worker.capacity.max_num_seqs,
+                # Groups are ordered full attention first (GptOssConfig.kv_groups).
+                kv_capacity_tokens=worker.capacity.kv_blocks[0] * worker.capacity.block_size,
+            )
+            for pool in POOLS:
+                if worker.role in (pool, "both"):
+                    pools[pool][worker.replica_id] = entry
+        return cls(**{pool: tuple(v for _, v in sorted(pools[pool].items())) for pool in POOLS})
+
+
+class InFlight:
+    """Requests this ingress has placed on each replica and not yet seen finish, and the
+    prompt tokens it left each replica to compute and not yet seen computed.
+
+        start(r, prompt_tokens=n)  ->  prefilled(r, n) at the first token  ->  finish(r)
+
+    Used from one asyncio event loop only (the ingress), so plain ints need no lock.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._prompt_tokens: Counter[str] = Counter()
+
+    def start(self, replica_id: str, prompt_tokens: int = 0) -> None:
+        if prompt_tokens < 0:
+            raise ValueError(f"InFlight.start: prompt_tokens must be >= 0, got {prompt_tokens}")
+        self._counts[replica_id] += 1
+        if prompt_tokens:
+            self._prompt_tokens[replica_id] += prompt_tokens
+
+    def prefilled(self, replica_id: str, prompt_tokens: int) -> None:
+        """The `prompt_tokens` given to `start` are computed (or will never be)."""
+        if not 0 <= prompt_tokens <= self._prompt_tokens[replica_id]:
+            raise ValueError(
+                f"InFlight.prefilled({replica_id!r}, {prompt_tokens}): only "
+                f"{self._prompt_tokens[replica_id]} prompt tokens were started there"
+            )
+        self._prompt_tokens[replica_id] -= prompt_tokens
+        if not self._prompt_tokens[replica_id]:
+            del self._prompt_tokens[replica_id]
+
+    def finish(self, replica_id: str) -> None:
+        if self._counts[replica_id] <= 0:
+            raise ValueError(f"InFlight.finish({replica_id!r}) without a matching start")
+        self._counts[replica_id] -= 1
+        if not self._counts[replica_id]:
+            del self._counts[replica_id]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def prompt_tokens(self) -> dict[str, int]:
+        return dict(self._prompt_tokens)
+
+    def total(self) -> int:
+        return sum(self._counts.values())
