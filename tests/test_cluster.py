@@ -447,6 +447,21 @@ def test_cancelled_requests_free_kv_on_both_workers(cluster, reference, cancel_a
         assert err.value.code() == grpc.StatusCode.CANCELLED
 
 
+def test_deadline_ends_the_request_on_every_worker(cluster, reference):
+    """A per-request gRPC deadline is honoured end to end: the client gets
+    DEADLINE_EXCEEDED when it passes and the work stops on both workers (their KV blocks
+    are freed within a second), RELIABILITY target 8."""
+    prompt = random_prompts(9, [300], reference.config.vocab_size)[0]
+    request = pb.GenerateRequest(params=pb.SamplingParameters(temperature=0.0, max_tokens=200))
+    request.token_ids.ids.extend(prompt)
+    with grpc.insecure_channel(cluster.target) as channel:
+        call = tandem_pb2_grpc.TandemStub(channel).Generate(request, timeout=1.0)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait(lambda: kv_is_free(cluster), 1.0, "KV blocks freed on every worker", 0.02)
+
+
 def test_killed_prefill_replica_requests_still_complete(cluster, client, reference):
     """ray.kill a prefill replica while requests are in flight, and send more before the
     registry or Serve notice: every request completes with the engine's output, the late
