@@ -29,6 +29,7 @@ _DOMAIN = b"tandem.kv.block.v1"
 _NO_PARENT = b"\x00"
 _HAS_PARENT = b"\x01"
 _MAX_TOKEN_ID = 2**32 - 1
+_DOMAIN_STATE = hashlib.sha256(_DOMAIN)
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes = b"") -> BlockHash:
@@ -41,18 +42,16 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes 
     """
     if parent is not None and len(parent) != BLOCK_HASH_BYTES:
         raise ValueError(f"parent must be a {BLOCK_HASH_BYTES}-byte block hash, got {parent!r}")
-    h = hashlib.sha256(_DOMAIN)
-    if parent is None:
-        h.update(_NO_PARENT)
-    else:
-        h.update(_HAS_PARENT)
-        h.update(parent)
-    h.update(struct.pack("<I", len(extra)))
-    h.update(extra)
     try:
-        h.update(struct.pack(f"<I{len(token_ids)}I", len(token_ids), *token_ids))
+        tokens = struct.pack(f"<I{len(token_ids)}I", len(token_ids), *token_ids)
     except struct.error as e:
         raise ValueError(f"token_ids must be ints in [0, {_MAX_TOKEN_ID}]: {e}") from None
+    head = _NO_PARENT if parent is None else _HAS_PARENT + parent
+    # One update of the whole encoding on a copy of the pre-fed domain state: the same
+    # bytes as feeding each field in turn, at a fraction of the per-call overhead (the
+    # router hashes every block of every prompt it places).
+    h = _DOMAIN_STATE.copy()
+    h.update(b"".join((head, struct.pack("<I", len(extra)), extra, tokens)))
     return h.digest()[:BLOCK_HASH_BYTES]
 
 
