@@ -25,8 +25,11 @@ the cumulative ones into counter increments, so a scrape sees proper counters.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 from ray.util.metrics import Counter, Gauge, Histogram
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 # Seconds; first tokens span queueing and prefill, later ones a decode step.
 _TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
@@ -35,51 +38,69 @@ _TRANSFER_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
 OUTCOMES = ("finished", "cancelled", "rejected", "failed")
 
 
+def _tagged(metric: M, tags: Mapping[str, str]) -> M:
+    """The metric with this replica's tags as defaults (every metric here carries them)."""
+    metric.set_default_tags(dict(tags))
+    return metric
+
+
 class IngressMetrics:
     """What only the ingress sees: latency as the client sees it, placement fallbacks."""
 
     def __init__(self, replica_id: str) -> None:
         tags = {"role": "ingress", "replica": replica_id}
         keys = ("role", "replica")
-        self._ttft = Histogram(
-            "tandem_ttft_seconds",
-            description="Arrival at the ingress to the first streamed token.",
-            boundaries=_TTFT_BUCKETS,
-            tag_keys=keys,
+        self._ttft = _tagged(
+            Histogram(
+                "tandem_ttft_seconds",
+                description="Arrival at the ingress to the first streamed token.",
+                boundaries=_TTFT_BUCKETS,
+                tag_keys=keys,
+            ),
+            tags,
         )
-        self._ttft.set_default_tags(tags)
-        self._itl = Histogram(
-            "tandem_inter_token_seconds",
-            description="Time between consecutive streamed tokens of a request.",
-            boundaries=_ITL_BUCKETS,
-            tag_keys=keys,
+        self._itl = _tagged(
+            Histogram(
+                "tandem_inter_token_seconds",
+                description="Time between consecutive streamed tokens of a request.",
+                boundaries=_ITL_BUCKETS,
+                tag_keys=keys,
+            ),
+            tags,
         )
-        self._itl.set_default_tags(tags)
-        self._transfer = Histogram(
-            "tandem_kv_transfer_seconds",
-            description="Moving one prompt's KV from its prefill to its decode worker.",
-            boundaries=_TRANSFER_BUCKETS,
-            tag_keys=keys,
+        self._transfer = _tagged(
+            Histogram(
+                "tandem_kv_transfer_seconds",
+                description="Moving one prompt's KV from its prefill to its decode worker.",
+                boundaries=_TRANSFER_BUCKETS,
+                tag_keys=keys,
+            ),
+            tags,
         )
-        self._transfer.set_default_tags(tags)
-        self._requests = Counter(
-            "tandem_requests_total",
-            description="Requests by outcome (finished, cancelled, rejected, failed).",
-            tag_keys=(*keys, "outcome"),
+        self._requests = _tagged(
+            Counter(
+                "tandem_requests_total",
+                description="Requests by outcome (finished, cancelled, rejected, failed).",
+                tag_keys=(*keys, "outcome"),
+            ),
+            tags,
         )
-        self._requests.set_default_tags(tags)
-        self._fallbacks = Counter(
-            "tandem_placement_fallbacks_total",
-            description="Requests served by another replica than placement chose.",
-            tag_keys=(*keys, "pool"),
+        self._fallbacks = _tagged(
+            Counter(
+                "tandem_placement_fallbacks_total",
+                description="Requests served by another replica than placement chose.",
+                tag_keys=(*keys, "pool"),
+            ),
+            tags,
         )
-        self._fallbacks.set_default_tags(tags)
-        self._waiting = Gauge(
-            "tandem_waiting_requests",
-            description="Requests admitted by this ingress without a first token yet.",
-            tag_keys=keys,
+        self._waiting = _tagged(
+            Gauge(
+                "tandem_waiting_requests",
+                description="Requests admitted by this ingress without a first token yet.",
+                tag_keys=keys,
+            ),
+            tags,
         )
-        self._waiting.set_default_tags(tags)
         self.router = RouterMetrics(replica_id)
 
     def first_token(self, seconds: float) -> None:
@@ -114,31 +135,40 @@ class RouterMetrics:
     def __init__(self, replica_id: str) -> None:
         tags = {"role": "ingress", "replica": replica_id}
         keys = ("role", "replica")
-        self._decisions = Counter(
-            "tandem_placement_decisions_total",
-            description="Replica choices by pool, policy and the policy's reason.",
-            tag_keys=(*keys, "pool", "policy", "reason"),
+        self._decisions = _tagged(
+            Counter(
+                "tandem_placement_decisions_total",
+                description="Replica choices by pool, policy and the policy's reason.",
+                tag_keys=(*keys, "pool", "policy", "reason"),
+            ),
+            tags,
         )
-        self._decisions.set_default_tags(tags)
-        self._disagg = Counter(
-            "tandem_disagg_decisions_total",
-            description="Prompts sent to a prefill replica (remote) or kept on the decode "
-            "replica, by reason.",
-            tag_keys=(*keys, "reason"),
+        self._disagg = _tagged(
+            Counter(
+                "tandem_disagg_decisions_total",
+                description="Prompts sent to a prefill replica (remote) or kept on the decode "
+                "replica, by reason.",
+                tag_keys=(*keys, "reason"),
+            ),
+            tags,
         )
-        self._disagg.set_default_tags(tags)
-        self._imbalance = Gauge(
-            "tandem_placement_imbalance",
-            description="Outstanding requests of a pool's busiest replica minus its idlest, "
-            "as of the latest placement.",
-            tag_keys=(*keys, "pool"),
-        )
-        self._imbalance.set_default_tags(tags)
-        self._tokens = {
-            kind: Counter(
-                f"tandem_prefix_{kind}_tokens_total",
-                description=description,
+        self._imbalance = _tagged(
+            Gauge(
+                "tandem_placement_imbalance",
+                description="Outstanding requests of a pool's busiest replica minus its idlest, "
+                "as of the latest placement.",
                 tag_keys=(*keys, "pool"),
+            ),
+            tags,
+        )
+        self._tokens = {
+            kind: _tagged(
+                Counter(
+                    f"tandem_prefix_{kind}_tokens_total",
+                    description=description,
+                    tag_keys=(*keys, "pool"),
+                ),
+                tags,
             )
             for kind, description in (
                 ("prompt", "Prompt tokens of finished requests, by the pool that computed them."),
@@ -149,14 +179,14 @@ class RouterMetrics:
                 ),
             )
         }
-        for counter in self._tokens.values():
-            counter.set_default_tags(tags)
-        self._index_blocks = Gauge(
-            "tandem_prefix_index_blocks",
-            description="Blocks in this ingress's prefix index, over all workers and groups.",
-            tag_keys=keys,
+        self._index_blocks = _tagged(
+            Gauge(
+                "tandem_prefix_index_blocks",
+                description="Blocks in this ingress's prefix index, over all workers and groups.",
+                tag_keys=keys,
+            ),
+            tags,
         )
-        self._index_blocks.set_default_tags(tags)
 
     def decision(self, pool: str, policy: str, reason: str) -> None:
         self._decisions.inc(1, tags={"pool": pool, "policy": policy, "reason": reason})
@@ -213,12 +243,12 @@ class WorkerMetrics:
         keys = ("role", "replica")
         self._gauges: dict[str, Gauge] = {}
         for key, (name, description) in _GAUGES.items():
-            self._gauges[key] = Gauge(name, description=description, tag_keys=keys)
-            self._gauges[key].set_default_tags(tags)
+            self._gauges[key] = _tagged(Gauge(name, description=description, tag_keys=keys), tags)
         self._counters: dict[str, Counter] = {}
         for key, (name, description) in _COUNTERS.items():
-            self._counters[key] = Counter(name, description=description, tag_keys=keys)
-            self._counters[key].set_default_tags(tags)
+            self._counters[key] = _tagged(
+                Counter(name, description=description, tag_keys=keys), tags
+            )
         self._last: dict[str, float] = {}
 
     def update(self, figures: Mapping[str, float]) -> None:
