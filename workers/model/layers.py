@@ -6,6 +6,7 @@ follow the Hugging Face checkpoint (without its `model.` prefix).
 """
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -110,8 +111,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.to(x.dtype)
 
 
+class RotaryBackend(ABC):
+    """How a layer rotates its q and k (the torch path below, or a kernel).
+
+    Contract of `rotate`: q [T, H, D], k [T, K, D], cos / sin [T, D/2] float32 (YaRN mscale
+    included) -> (q', k') in q's and k's dtypes, each the half-split rotation of
+    `apply_rotary` (computed in float32, rounded once). An implementation may rotate the
+    inputs in place and return them, so callers use only the returned tensors.
+
+    An attention backend may also be a RotaryBackend (TritonPagedAttention is): the rotary
+    then follows the kernel choice of make_backends, and a kernel that fuses the rotation
+    into the KV write belongs to the attention backend anyway. SelfAttention uses
+    `TorchRotary` when its attention backend is not one.
+    """
+
+    @abstractmethod
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TorchRotary(RotaryBackend):
+    """`apply_rotary` on q and k: the reference and CPU path; returns new tensors."""
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 class SelfAttention(nn.Module):
-    """Projections, rotary and sinks of one layer; the paged attention itself is the backend's."""
+    """Projections, rotary and sinks of one layer; the paged attention itself is the backend's
+    (and the rotary too when the backend is also a RotaryBackend)."""
 
     def __init__(
         self,
@@ -135,6 +166,7 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(heads * head_dim, d, bias, dtype, device)
         self.sinks = empty_parameter((heads,), dtype, device)
         self.backend = backend
+        self.rotary = backend if isinstance(backend, RotaryBackend) else TorchRotary()
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group_index = config.kv_group_of_layer(layer)
         self.sliding_window = config.layer_window(layer)
@@ -153,7 +185,7 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary.rotate(q, k, cos, sin)
         key_cache, value_cache = kv_cache
         attended = self.backend.forward(
             q,

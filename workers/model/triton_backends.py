@@ -1,6 +1,7 @@
 """The Triton kernels of kernels/ behind the model's backend interfaces, and backend choice.
 
-    TritonPagedAttention   write_kv + paged_attention (kernels/attention.py)
+    TritonPagedAttention   write_kv + paged_attention (kernels/attention.py), and the
+                           rotary of q and k (kernels/rope.py) as a RotaryBackend
     TritonMoE              moe_mxfp4 on the packed checkpoint experts (kernels/moe.py)
 
 Both honour the contracts of workers/model/attention.py and workers/model/moe.py, so the
@@ -23,20 +24,30 @@ import torch
 
 from kernels.attention import paged_attention, write_kv
 from kernels.moe import moe_mxfp4
+from kernels.rope import rotary_embedding_
 from workers.model.attention import (
     AttentionBackend,
     AttentionMetadata,
     TorchPagedAttention,
 )
+from workers.model.layers import RotaryBackend
 from workers.model.moe import MoEBackend, MoEWeights, TorchMoE
 
 KernelsName = Literal["torch", "triton"]
 KERNELS_NAMES: tuple[str, ...] = ("torch", "triton")
 
 
-class TritonPagedAttention(AttentionBackend):
+class TritonPagedAttention(AttentionBackend, RotaryBackend):
     """Paged attention through the Triton kernels: one write launch, one attention launch
-    (plus a merge launch when the key range is split, as for small decode batches)."""
+    (plus a merge launch when the key range is split, as for small decode batches). As a
+    RotaryBackend it also rotates q and k, in place, in one launch."""
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, K, D], cos/sin [T, D/2] fp32 -> (q, k), rotated in place."""
+        rotary_embedding_(q, k, cos, sin)
+        return q, k
 
     def forward(
         self,

@@ -10,11 +10,16 @@ raw bytes so the wire never depends on the cache dtype:
 
 The i-th packed block goes to the i-th destination block id on the other side, so sender
 and receiver only have to agree on the order of blocks, not on their ids.
+
+On CUDA one Triton launch copies a layer's key and value blocks (kernels/kv_pack.py, the
+same layout); elsewhere torch's index_select / index_copy_ do it, one call per cache.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels.kv_pack import pack_kv_blocks, unpack_kv_blocks
 
 
 def packed_nbytes(key_cache: torch.Tensor, num_blocks: int) -> int:
@@ -40,6 +45,9 @@ def pack_layer(
         out = torch.empty(nbytes, dtype=torch.uint8, device=key_cache.device)
     elif out.dtype != torch.uint8 or out.numel() != nbytes or not out.is_contiguous():
         raise ValueError(f"out must be contiguous uint8 of {nbytes} bytes")
+    if key_cache.is_cuda:
+        pack_kv_blocks(key_cache, value_cache, block_ids, out)
+        return out
     packed = out.view(key_cache.dtype).view(2, n, *key_cache.shape[1:])
     torch.index_select(key_cache, 0, block_ids, out=packed[0])
     torch.index_select(value_cache, 0, block_ids, out=packed[1])
@@ -63,6 +71,9 @@ def unpack_layer(
             f"packed buffer has {packed.numel()} bytes, {n} blocks need "
             f"{packed_nbytes(key_cache, n)}"
         )
+    if key_cache.is_cuda:
+        unpack_kv_blocks(packed, key_cache, value_cache, block_ids)
+        return
     blocks = packed.view(key_cache.dtype).view(2, n, *key_cache.shape[1:])
     key_cache.index_copy_(0, block_ids, blocks[0])
     value_cache.index_copy_(0, block_ids, blocks[1])
