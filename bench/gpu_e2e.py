@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 bench/gpu_e2e.py            # on a CUDA machine (~13 GB + ~42 GB peer)
     PYTHONPATH=. python3 bench/gpu_e2e.py --smoke    # tiny shape on CPU (Triton interpreter)
     PYTHONPATH=. python3 bench/gpu_e2e.py --no-peer  # skip transformers
-    PYTHONPATH=. python3 bench/gpu_e2e.py --moe-sweep --check-fp32   # also: MoE small-batch
-                                                     # tilings; Triton vs torch in fp32
+    PYTHONPATH=. python3 bench/gpu_e2e.py --profile --check-fp32   # also: kernel time per
+                                                     # name; Triton vs torch in fp32
 
 Our side runs through the engine's ModelRunner (host-side step inputs, the model with the
 Triton backends, logits of the sampled rows; no sampler): decode steps with B sequences at
@@ -26,10 +26,8 @@ to $OUT/gpu_e2e.json.
 
 --check-fp32 runs the Triton-vs-torch check once more in float32 (a 300-token prefill and
 one decode step): bf16 rounding, compounded over 24 random layers, moves the bf16 logits
-far more than any kernel difference, and the fp32 figure separates the two. --moe-sweep
-times the MoE alone at small token counts, the grouped GEMMs against the GEMV tilings (CUDA
-graph replays), each checked against the fp32 reference first: the data behind
-kernels.moe.default_tiling.
+far more than any kernel difference, and the fp32 figure separates the two. --profile
+lists device time per kernel name of one decode and one prefill step.
 """
 
 from __future__ import annotations
@@ -52,12 +50,6 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-from kernels.moe import (  # noqa: E402
-    MoEGemvTiling,
-    MoETiling,
-    moe_mxfp4,
-    moe_mxfp4_reference,
-)
 from workers.model.attention import TorchPagedAttention  # noqa: E402
 from workers.model.checkpoint_writer import hf_config_dict, tiny_config  # noqa: E402
 from workers.model.config import FULL, SLIDING, GptOssConfig  # noqa: E402
@@ -276,13 +268,6 @@ def fill_random_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(noise / math.sqrt(fan_in))
 
 
-def set_backends(model: GptOssModel, attention, moe) -> None:
-    model.attention, model.moe = attention, moe
-    for layer in model.layers:
-        layer.self_attn.backend = attention
-        layer.mlp.backend = moe
-
-
 class Workload:
     """Block layout of the benchmark's sequences, as the scheduler would hand them out.
 
@@ -390,9 +375,9 @@ def bench_eager(
     # Correctness first: Triton against the torch references on one decode step.
     first = plan.decode_batches[0]
     triton_logits = runner.execute(decode_inputs[first])
-    set_backends(model, TorchPagedAttention(), TorchMoE())
+    model.set_backends(TorchPagedAttention(), TorchMoE())
     torch_logits = runner.execute(decode_inputs[first])
-    set_backends(model, TritonPagedAttention(), TritonMoE())
+    model.set_backends(TritonPagedAttention(), TritonMoE())
     max_err, rms_err = errors(triton_logits, torch_logits)
     same = torch.equal(triton_logits.argmax(-1), torch_logits.argmax(-1))
     notes.append(
@@ -483,7 +468,7 @@ def check_fp32(plan: Plan, device: torch.device, notes: list[str]) -> None:
         ("triton", TritonPagedAttention(), TritonMoE()),
         ("torch", TorchPagedAttention(), TorchMoE()),
     ):
-        set_backends(model, attention, moe)
+        model.set_backends(attention, moe)
         results[name] = [runner.execute(step) for step in steps]
     for label, got, want in zip(
         ("prefill", "decode"), results["triton"], results["torch"], strict=True
@@ -497,74 +482,37 @@ def check_fp32(plan: Plan, device: torch.device, notes: list[str]) -> None:
         print(notes[-1], flush=True)
 
 
-MOE_SWEEP_TOKENS = (1, 2, 4, 8, 16, 32)
-MOE_SWEEP_GEMV = (
-    MoEGemvTiling(16, 256),
-    MoEGemvTiling(32, 256),
-    MoEGemvTiling(8, 256, num_warps=2),
-    MoEGemvTiling(16, 512),
-    MoEGemvTiling(16, 128),
-    MoEGemvTiling(32, 128, num_warps=8),
-)
-
-
-def moe_sweep(plan: Plan, device: torch.device, notes: list[str]) -> list[dict]:
-    """MoE layer alone at small T: grouped (MoETiling.for_batch) against GEMV tilings."""
+def profile_steps(plan: Plan, device: torch.device, notes: list[str]) -> None:
+    """Device time per kernel name of one eager decode step (batch 1) and one prefill of the
+    shortest prompt: where a step's time goes, launch gaps excluded."""
     c = plan.config
-    model = GptOssModel(c, plan.dtype, TritonPagedAttention(), TritonMoE(), device)
-    layer = model.layers[0].mlp
-    fill_random_(layer, seed=4)
-    w = layer.weights()
-    args = dict(
-        router_weight=w.router_weight,
-        router_bias=w.router_bias,
-        gate_up_blocks=w.gate_up_blocks,
-        gate_up_scales=w.gate_up_scales,
-        gate_up_bias=w.gate_up_bias,
-        down_blocks=w.down_blocks,
-        down_scales=w.down_scales,
-        down_bias=w.down_bias,
-        top_k=c.num_experts_per_tok,
-        swiglu_limit=c.swiglu_limit,
-    )
-    smoke = device.type != "cuda"  # the interpreter: one small case per path
-    token_counts = MOE_SWEEP_TOKENS[:1] if smoke else MOE_SWEEP_TOKENS
-    gemv_tilings = MOE_SWEEP_GEMV[:1] if smoke else MOE_SWEEP_GEMV
-    results = []
-    for tokens in token_counts:
-        gen = torch.Generator(device=device).manual_seed(tokens)
-        x = torch.randn(tokens, c.hidden_size, generator=gen, device=device).to(plan.dtype)
-        expected = moe_mxfp4_reference(x, **args)
-        grouped = MoETiling.for_batch(tokens, c.num_experts_per_tok, c.num_local_experts)
-        for tiling in (grouped, *gemv_tilings):
-            max_err, rms_err = errors(moe_mxfp4(x, **args, tiling=tiling), expected)
-            us = graph_us(lambda x=x, t=tiling: moe_mxfp4(x, **args, tiling=t), device)
-            results.append(
-                dict(tokens=tokens, tiling=repr(tiling), us=us, max_err=max_err, rms_err=rms_err)
-            )
-            ok = max_err < 2e-2 and rms_err < 1e-2
-            print(
-                f"moe T={tokens:<3} {tiling!r:<75} {us:8.1f} us  max {max_err:.1e} "
-                f"rms {rms_err:.1e} {'ok' if ok else 'FAIL'}",
-                flush=True,
-            )
-    for tokens in token_counts:
-        mine = [r for r in results if r["tokens"] == tokens]
-        best = min(mine, key=lambda r: r["us"])
-        notes.append(
-            f"moe sweep T={tokens}: grouped {mine[0]['us']:.1f} us, best "
-            f"{best['us']:.1f} us with {best['tiling']}"
-        )
-    return results
-
-
-def graph_us(fn: Callable[[], object], device: torch.device) -> float:
-    """Median microseconds of CUDA-graph replays; one wall-clock call on CPU."""
-    if device.type != "cuda":
-        return median_seconds(fn, device, 1) * 1e6
-    import triton.testing
-
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    model = GptOssModel(c, plan.dtype, TritonPagedAttention(), TritonMoE(), device).eval()
+    fill_random_(model, seed=0)
+    work = Workload(plan)
+    runner = make_runner(model, work, device, graphs=False)
+    steps = {
+        "decode batch 1": work.decode_step(1, random_ids(c.vocab_size, 1, seed=1)),
+        f"prefill {plan.prefill_lengths[0]}": work.prefill_step(
+            random_ids(c.vocab_size, plan.prefill_lengths[0], seed=2)),
+    }
+    for name, step in steps.items():
+        for _ in range(3):
+            runner.execute(step)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            runner.execute(step)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.self_device_time_total for e in events)
+        launches = sum(e.count for e in events)
+        notes.append(f"profile {name}: {total / 1e3:.2f} ms of kernels in {launches} launches")
+        print(notes[-1], flush=True)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:16]:
+            line = (f"  {e.self_device_time_total / 1e3:8.3f} ms {e.count:5d}x "
+                    f"{e.key[:90]}")
+            notes.append(line)
+            print(line, flush=True)
+    del runner, model
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -673,7 +621,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     parser.add_argument("--check-fp32", action="store_true", help="fp32 Triton-vs-torch check")
-    parser.add_argument("--moe-sweep", action="store_true", help="MoE small-batch tilings")
+    parser.add_argument("--profile", action="store_true", help="kernel times of one step")
     args = parser.parse_args()
     plan = SMOKE_PLAN if args.smoke else FULL_PLAN
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -689,9 +637,8 @@ def main() -> None:
     rows: dict[str, Row] = {}
     notes: list[str] = []
     started = time.perf_counter()
-    sweep: list[dict] = []
-    if args.moe_sweep:
-        sweep = moe_sweep(plan, device, notes)
+    if args.profile and device.type == "cuda":
+        profile_steps(plan, device, notes)
         free_memory(device)
     if args.check_fp32:
         check_fp32(plan, device, notes)
@@ -722,7 +669,6 @@ def main() -> None:
             "plan": {k: str(v) for k, v in asdict(plan).items() if k != "config"},
             "notes": notes,
             "rows": [asdict(r) for r in rows.values()],
-            "moe_sweep": sweep,
         }
         Path(out_dir, "gpu_e2e.json").write_text(json.dumps(result, indent=2) + "\n")
 

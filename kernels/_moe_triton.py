@@ -2,10 +2,11 @@
 
 Two grouped GEMMs over token/expert pairs sorted by expert. A program owns one block of
 BLOCK_M sorted pairs (all of one expert, padding rows marked by the sentinel pair id
-`num_pairs`) and BLOCK_N output columns. For small batches, two GEMV kernels at the bottom
-replace them (one program per pair, no grouping). Weights are read as packed MXFP4 bytes
-plus E8M0 scales and decoded in registers just before use: nothing dequantised ever
-reaches device memory.
+`num_pairs`) and BLOCK_N output columns. For small batches, two GEMV kernels replace them
+(one program per pair, no grouping). Around them, one launch each: routing (router GEMM,
+top-k, softmax), the two grouping passes, and the combine over the k slots. Weights are
+read as packed MXFP4 bytes plus E8M0 scales and decoded in registers just before use:
+nothing dequantised ever reaches device memory.
 
 Packed weight row (one output row n of expert e, K inputs, G = K / 32 groups):
 
@@ -19,6 +20,8 @@ nibbles, odd inputs against the high ones. That is the fp32 path; bf16 and fp16 
 (SCALED_FORMAT) hand the packed bytes and scales to tl.dot_scaled instead, which decodes
 them itself and was 1.1-1.2x faster on an H100 at T = 64..2048 (the register decode was
 about half the old path's time at T = 64, a third at T = 2048: measured by stubbing it out).
+Putting the weights on the MMA's M side instead ("swap AB", weights as dot_scaled's left
+operand) measured 2-3x slower at every batch size (bench/RESULTS.md).
 """
 
 import triton
@@ -57,7 +60,7 @@ def _load_mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, k0, row_bytes, grou
                          other=1).to(tl.int32)                              # [BN, KG]
     # 2^(s - 128) built from its exponent bits: it undoes the doubled LUT. Scale bytes 0 and
     # 1 (values under 2^-126) flush to zero, far below anything bf16 activations resolve.
-    scale = ((scale_byte - 1) << 23).to(tl.float32, bitcast=True)
+    scale = (tl.maximum(scale_byte - 1, 0) << 23).to(tl.float32, bitcast=True)
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)),
                        (BLOCK_N, BLOCK_K // 2))                             # 16 bytes per group
     even = _decode_e2m1(packed & 15) * scale
@@ -288,3 +291,141 @@ def _down_gemv_kernel(
     bias = tl.load(bias_ptr + rows, mask=col_valid, other=0.0).to(tl.float32)
     y = (acc + bias) * tl.load(route_weight_ptr + pair)
     tl.store(y_ptr + pair * stride_y + cols, y, mask=col_valid)
+
+
+# ---------------------------------------------------------------------------------------
+# Routing, grouping and combine: the small steps around the GEMMs, one launch each.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _route_kernel(
+    x_ptr, w_ptr, b_ptr, route_weight_ptr, experts_ptr, num_tokens, d_model, num_experts,
+    stride_x, stride_w,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    SLOTS: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Top-k experts of BLOCK_T tokens and the softmax of their logits, all in fp32.
+
+    Slot 0 holds the largest logit; ties go to the lower expert index. SLOTS = TOP_K
+    rounded up to a power of two (tensor shapes must be). The logits are fp32 sums of
+    exact products either way: bf16 x bf16 products fit an fp32 mantissa, so bf16 inputs
+    use the tensor cores with fp32 accumulation; FP32_DOT (fp32 inputs, or mixed dtypes)
+    uses exact fp32 dots.
+    """
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_valid = tokens < num_tokens
+    experts = tl.arange(0, BLOCK_E)
+    e_valid = experts < num_experts
+    logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, d_model, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs < d_model
+        x = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_x + offs[None, :],
+                    mask=t_valid[:, None] & k_valid[None, :], other=0.0)      # [BT, BK]
+        w = tl.load(w_ptr + experts[:, None] * stride_w + offs[None, :],
+                    mask=e_valid[:, None] & k_valid[None, :], other=0.0)      # [BE, BK]
+        if FP32_DOT:
+            logits = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), logits,
+                            input_precision="ieee")
+        else:
+            logits = tl.dot(x, tl.trans(w), logits)                             # [BT, BE]
+    logits += tl.load(b_ptr + experts, mask=e_valid, other=0.0).to(tl.float32)[None, :]
+    logits = tl.where(e_valid[None, :], logits, float("-inf"))
+
+    slots = tl.arange(0, SLOTS)
+    chosen_logits = tl.full((BLOCK_T, SLOTS), float("-inf"), dtype=tl.float32)
+    chosen = tl.zeros((BLOCK_T, SLOTS), dtype=tl.int32)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(logits, axis=1)                                           # [BT]
+        # Lowest index among the maxima: deterministic under ties.
+        index = tl.min(tl.where(logits == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        chosen_logits = tl.where(slots[None, :] == slot, best[:, None], chosen_logits)
+        chosen = tl.where(slots[None, :] == slot, index[:, None], chosen)
+        logits = tl.where(experts[None, :] == index[:, None], float("-inf"), logits)
+    exps = tl.exp(chosen_logits - tl.max(chosen_logits, axis=1)[:, None])
+    weights = exps / tl.sum(exps, axis=1)[:, None]
+    out = tokens.to(tl.int64)[:, None] * TOP_K + slots[None, :]
+    mask = t_valid[:, None] & (slots < TOP_K)[None, :]
+    tl.store(route_weight_ptr + out, weights, mask=mask)
+    tl.store(experts_ptr + out, chosen, mask=mask)
+
+
+@triton.jit
+def _count_kernel(experts_ptr, counts_ptr, ranks_ptr, num_pairs, num_experts,
+                  BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per chunk of BLOCK_P pairs: its count of pairs per expert, and each pair's rank among
+    the chunk's pairs of the same expert (stable: in pair order)."""
+    chunk = tl.program_id(0)
+    pairs = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pairs < num_pairs
+    expert = tl.load(experts_ptr + pairs, mask=valid, other=-1)
+    one_hot = (expert[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)   # [BP, BE]
+    running = tl.cumsum(one_hot, axis=0)
+    tl.store(ranks_ptr + pairs, tl.sum(one_hot * running, axis=1) - 1, mask=valid)
+    experts = tl.arange(0, BLOCK_E)
+    tl.store(counts_ptr + chunk * num_experts + experts, tl.sum(one_hot, axis=0),
+             mask=experts < num_experts)
+
+
+@triton.jit
+def _scatter_kernel(experts_ptr, counts_ptr, ranks_ptr, pair_ids_ptr, block_expert_ptr,
+                    offsets_ptr, num_pairs, num_experts, num_chunks, num_blocks,
+                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Sorted, padded slot of every pair of this chunk; program 0 also writes the padding
+    sentinels, the block -> expert table and the unpadded expert offsets.
+
+    Slot of a pair of expert e = padded start of e + pairs of e in earlier chunks + rank.
+    """
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    e_valid = experts < num_experts
+    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c in range(0, num_chunks):
+        counts = tl.load(counts_ptr + c * num_experts + experts, mask=e_valid, other=0)
+        total += counts
+        before += tl.where(c < chunk, counts, 0)
+    padded = (total + BLOCK_T - 1) // BLOCK_T * BLOCK_T
+    padded_start = tl.cumsum(padded, axis=0) - padded                           # [BE]
+
+    pairs = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pairs < num_pairs
+    expert = tl.load(experts_ptr + pairs, mask=valid, other=0)
+    one_hot = expert[:, None] == experts[None, :]                               # [BP, BE]
+    base = tl.sum(tl.where(one_hot, (padded_start + before)[None, :], 0), axis=1)
+    slot = base + tl.load(ranks_ptr + pairs, mask=valid, other=0)
+    tl.store(pair_ids_ptr + slot, pairs, mask=valid)
+
+    if chunk == 0:
+        # Padding slots of each expert: [start + count, start + padded), disjoint from the
+        # slots written above, so no ordering between programs is needed.
+        offs = tl.arange(0, BLOCK_T)
+        pad = padded_start[:, None] + total[:, None] + offs[None, :]            # [BE, BT]
+        pad_mask = e_valid[:, None] & (total[:, None] + offs[None, :] < padded[:, None])
+        tl.store(pair_ids_ptr + pad, num_pairs, mask=pad_mask)
+        used_blocks = tl.sum(padded, axis=0) // BLOCK_T
+        block_end = (padded_start + padded) // BLOCK_T                         # [BE]
+        for b0 in range(0, num_blocks, BLOCK_P):
+            blocks = b0 + tl.arange(0, BLOCK_P)
+            owner = tl.sum((blocks[:, None] >= block_end[None, :]).to(tl.int32), axis=1)
+            owner = tl.where(blocks < used_blocks, owner, -1)
+            tl.store(block_expert_ptr + blocks, owner, mask=blocks < num_blocks)
+            slots = blocks[:, None] * BLOCK_T + offs[None, :]                  # [BP, BT]
+            unused = (blocks >= used_blocks) & (blocks < num_blocks)
+            tl.store(pair_ids_ptr + slots, num_pairs, mask=unused[:, None])
+        tl.store(offsets_ptr + 1 + experts, tl.cumsum(total, axis=0), mask=e_valid)
+        tl.store(offsets_ptr + experts, 0, mask=experts == 0)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, d_model, stride_y, stride_out,
+                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = sum over slots of y[t * k + slot] (fp32, slot order), cast to out's dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < d_model
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + slot) * stride_y + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -7,8 +7,10 @@
       --sum over k--> out [T, d]
 
 Weights stay in the checkpoint layout (GPT_OSS.md 3.1, 3.2): gate_up rows interleave gate
-(even) and up (odd). The grouping never synchronises with the host: the grid is sized by
-an upper bound on the number of row blocks and surplus programs exit at once.
+(even) and up (odd). Routing, grouping and combine are one Triton launch each (two for
+the grouping), and nothing synchronises with the host: the grid is sized by an upper bound
+on the number of row blocks and surplus programs exit at once, so decode steps can be
+captured in CUDA graphs.
 
 Small batches (decode: a few (token, slot) pairs, about one row per expert) take another
 path with the same result: no grouping, one program per pair and output tile streaming its
@@ -30,10 +32,14 @@ import torch
 import triton
 
 from kernels._moe_triton import (
+    _combine_kernel,
+    _count_kernel,
     _down_gemv_kernel,
     _down_kernel,
     _gate_up_swiglu_gemv_kernel,
     _gate_up_swiglu_kernel,
+    _route_kernel,
+    _scatter_kernel,
 )
 from kernels.mxfp4 import dequantize_mxfp4
 
@@ -154,42 +160,50 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     """Top-k experts of each token and their weights (softmax over the selected logits).
 
     x [T, d], router_weight [E, d], router_bias [E] -> (weights [T, k] fp32,
-    experts [T, k] int32, in descending logit order). Logits in fp32.
+    experts [T, k] int32, in descending logit order; ties to the lower expert). Logits are
+    fp32 sums of exact products. One launch.
     """
-    logits = torch.nn.functional.linear(x.float(), router_weight.float(),
-                                        router_bias.float())      # [T, E]
-    top_logits, experts = torch.topk(logits, top_k, dim=-1)     # [T, k]
-    return torch.softmax(top_logits, dim=-1), experts.to(torch.int32)
+    num_tokens, d_model = x.shape
+    num_experts = router_weight.shape[0]
+    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=x.device)
+    experts = torch.empty((num_tokens, top_k), dtype=torch.int32, device=x.device)
+    if num_tokens == 0:
+        return weights, experts
+    block_t = 16
+    _route_kernel[(triton.cdiv(num_tokens, block_t),)](
+        x, router_weight, router_bias, weights, experts, num_tokens, d_model, num_experts,
+        x.stride(0), router_weight.stride(0),
+        TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
+        BLOCK_K=128, SLOTS=triton.next_power_of_2(top_k),
+        FP32_DOT=x.dtype == torch.float32 or router_weight.dtype != x.dtype,
+    )
+    return weights, experts
+
+
+_GROUP_CHUNK = 256
+"""Pairs per program of the grouping passes."""
 
 
 def group_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> ExpertGroups:
-    """Sort the (token, slot) pairs by expert and pad each expert to a multiple of block_m.
-
-    experts [T, k] int -> ExpertGroups. Device-side only (no host synchronisation).
-    """
+    """Sort the (token, slot) pairs by expert (stably) and pad each expert to a multiple of
+    block_m slots. experts [T, k] int32 -> ExpertGroups. Two launches, no host sync."""
     device = experts.device
     num_pairs = experts.numel()
-    flat = experts.reshape(-1).to(torch.int64)                       # [P]
-    order = torch.argsort(flat, stable=True)                         # [P] pair ids by expert
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.index_add_(0, flat, torch.ones_like(flat))                # [E]
-    starts = torch.cumsum(counts, 0) - counts
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_ends = torch.cumsum(padded, 0)
-    padded_starts = padded_ends - padded
-    # Each expert wastes fewer than block_m rows, so this many blocks always suffice.
+    flat = experts.reshape(-1).to(torch.int32).contiguous()          # [P]
+    # Each expert wastes fewer than block_m slots, so this many blocks always suffice.
     num_blocks = (num_pairs + num_experts * (block_m - 1)) // block_m
-
-    sorted_experts = flat[order]
-    rank = torch.arange(num_pairs, device=device) - starts[sorted_experts]
-    dest = padded_starts[sorted_experts] + rank                      # [P] padded row of each
-    pair_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
-    pair_ids[dest] = order.to(torch.int32)
-    block_starts = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(padded_ends, block_starts, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    pair_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    num_chunks = max(1, triton.cdiv(num_pairs, _GROUP_CHUNK))
+    counts = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=device)
+    ranks = torch.empty(max(1, num_pairs), dtype=torch.int32, device=device)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    _count_kernel[(num_chunks,)](flat, counts, ranks, num_pairs, num_experts,
+                                 BLOCK_P=_GROUP_CHUNK, BLOCK_E=block_e)
+    _scatter_kernel[(num_chunks,)](flat, counts, ranks, pair_ids, block_expert, offsets,
+                                   num_pairs, num_experts, num_chunks, num_blocks,
+                                   BLOCK_P=_GROUP_CHUNK, BLOCK_E=block_e, BLOCK_T=block_m)
     return ExpertGroups(pair_ids, block_expert, offsets, num_pairs, block_m)
 
 
@@ -241,7 +255,7 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         y = _experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
                           gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
                           swiglu_limit, alpha, tiling)               # [T * k, d] fp32
-        return y.view(num_tokens, top_k, d_model).sum(dim=1).to(x.dtype)
+        return _combine(y, x, top_k)
     groups = group_by_expert(experts, num_experts, tiling.block_m)
     num_blocks = groups.block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -273,7 +287,17 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
-    return y.view(num_tokens, top_k, d_model).sum(dim=1).to(x.dtype)
+    return _combine(y, x, top_k)
+
+
+def _combine(y: torch.Tensor, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """y [T * k, d] fp32 -> [T, d] in x's dtype: the sum over each token's k slots."""
+    num_tokens, d_model = x.shape
+    out = torch.empty((num_tokens, d_model), dtype=x.dtype, device=x.device)
+    block_d = 1024
+    _combine_kernel[(num_tokens, triton.cdiv(d_model, block_d))](
+        y, out, d_model, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=block_d)
+    return out
 
 
 def _experts_gemv(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Tensor,

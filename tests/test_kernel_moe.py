@@ -124,9 +124,20 @@ def test_route_picks_top_experts_exactly() -> None:
     assert experts.dtype == torch.int32
 
 
-@pytest.mark.parametrize("num_tokens", [0, 1, 3, 17])
+def test_route_ties_go_to_the_lower_expert() -> None:
+    w = make_weights(num_experts=5, d_model=64, d_ff=64, seed=4)
+    w["router_weight"][3] = w["router_weight"][1]
+    w["router_bias"][3] = w["router_bias"][1] = 50.0   # experts 1 and 3: equal, and the top
+    x = poisoned_rows(4, 64, torch.float32, seed=5)
+    weights, experts = route(x, w["router_weight"], w["router_bias"], top_k=3)
+    assert experts[:, :2].tolist() == [[1, 3]] * 4
+    assert torch.equal(weights[:, 0], weights[:, 1])
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 17, 300])
 @pytest.mark.parametrize("block_m", [4, 16])
 def test_group_by_expert_layout(num_tokens: int, block_m: int) -> None:
+    # 300 tokens: 600 pairs, so the grouping passes span three chunks of pairs.
     num_experts, top_k = 5, 2
     gen = torch.Generator().manual_seed(num_tokens)
     # Skewed choice so one expert spans several blocks and expert 3 gets none.

@@ -2,6 +2,7 @@
 
     x = embed[tokens]                                    # no sqrt(d) scaling
     for each layer: x = x + attn(norm(x)); x = x + moe(norm(x))
+                    (each add fused into the norm after it; see DecoderLayer)
     hidden = norm(x)                                     # forward() returns this
     logits = lm_head(hidden)                             # compute_logits(), untied, no bias
 
@@ -22,7 +23,17 @@ from workers.model.attention import (
     build_attention_metadata,
 )
 from workers.model.config import GptOssConfig
-from workers.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding, empty_parameter
+from workers.model.layers import (
+    DecoderLayer,
+    Linear,
+    NormBackend,
+    RMSNorm,
+    RotaryBackend,
+    RotaryEmbedding,
+    TorchNorm,
+    TorchRotary,
+    empty_parameter,
+)
 from workers.model.moe import MoEBackend, TorchMoE
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -52,9 +63,23 @@ class GptOssModel(nn.Module):
             DecoderLayer(config, i, self.attention, self.moe, dtype, device)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(d, config.rms_norm_eps, dtype, device)
+        norm = self.attention if isinstance(self.attention, NormBackend) else None
+        self.norm = RMSNorm(d, config.rms_norm_eps, dtype, device, norm)
         self.lm_head = Linear(d, config.vocab_size, False, dtype, device)
         self.rotary = RotaryEmbedding(config, device)
+
+    def set_backends(self, attention: AttentionBackend, moe: MoEBackend) -> None:
+        """Swap the kernels of every layer: attention, and the rotary and norms when the
+        attention backend also provides them (the torch references otherwise), and MoE.
+        The benchmarks check one model both ways with it."""
+        self.attention, self.moe = attention, moe
+        norm = attention if isinstance(attention, NormBackend) else TorchNorm()
+        rotary = attention if isinstance(attention, RotaryBackend) else TorchRotary()
+        self.norm.backend = norm
+        for layer in self.layers:
+            layer.input_layernorm.backend = layer.post_attention_layernorm.backend = norm
+            layer.self_attn.backend, layer.self_attn.rotary = attention, rotary
+            layer.mlp.backend = moe
 
     @property
     def device(self) -> torch.device:
@@ -79,11 +104,12 @@ class GptOssModel(nn.Module):
             raise ValueError(f"need {len(self.layers)} kv caches, got {len(kv_caches)}")
         x = nn.functional.embedding(input_ids, self.embed_tokens)  # [T, d]
         cos, sin = self.rotary(positions)  # [T, D/2] each
+        residual = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            x = layer(x, cos, sin, metadata, kv_cache)
+            x, residual = layer(x, residual, cos, sin, metadata, kv_cache)
             if after_layer is not None:
                 after_layer(index)
-        return self.norm(x)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -42,18 +42,66 @@ class Linear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), in float32, cast back; w is not offset by 1."""
+class Rows:
+    """Output rows [start, stop) of a Linear, as views into its weight and bias: what the
+    weight loader fills when one fused projection holds several checkpoint tensors."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, linear: Linear, start: int, stop: int) -> None:
+        self.weight = linear.weight[start:stop]
+        self.bias = None if linear.bias is None else linear.bias[start:stop]
+
+
+class NormBackend(ABC):
+    """How RMSNorm runs, with the residual add before it fused in.
+
+    Contract of `rms_norm`: x [T, d], weight [d], residual [T, d] or None ->
+    (y, h) with h = x + residual rounded to x's dtype (h = x without a residual) and
+    y = weight * h / sqrt(mean(h^2) + eps) computed in float32 and rounded to x's dtype.
+    h is the residual stream the next block adds to.
+
+    An attention backend may also be a NormBackend (TritonPagedAttention is), so the norms
+    follow the kernel choice of make_backends; the model uses `TorchNorm` otherwise.
+    """
+
+    @abstractmethod
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class TorchNorm(NormBackend):
+    """The reference and CPU path."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x if residual is None else x + residual
+        h32 = h.float()
+        normed = h32 * torch.rsqrt(h32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        return (weight.float() * normed).to(x.dtype), h
+
+
+class RMSNorm(nn.Module):
+    """y = w * h / sqrt(mean(h^2) + eps), h = x (+ residual), in float32, cast back; w is
+    not offset by 1. Returns (y, h): see NormBackend."""
+
+    def __init__(
+        self,
+        size: int,
+        eps: float,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: NormBackend | None = None,
+    ):
         super().__init__()
         self.weight = empty_parameter((size,), dtype, device)
         self.eps = eps
+        self.backend = backend if backend is not None else TorchNorm()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rotary_inv_freq(
@@ -160,9 +208,10 @@ class SelfAttention(nn.Module):
             config.head_dim,
         )
         bias = config.attention_bias
-        self.q_proj = Linear(d, heads * head_dim, bias, dtype, device)
-        self.k_proj = Linear(d, kv_heads * head_dim, bias, dtype, device)
-        self.v_proj = Linear(d, kv_heads * head_dim, bias, dtype, device)
+        self.q_size, self.kv_size = heads * head_dim, kv_heads * head_dim
+        # q, k and v as one projection: one GEMM launch instead of three. The checkpoint's
+        # q_proj / k_proj / v_proj are row ranges of it (properties below).
+        self.qkv_proj = Linear(d, self.q_size + 2 * self.kv_size, bias, dtype, device)
         self.o_proj = Linear(heads * head_dim, d, bias, dtype, device)
         self.sinks = empty_parameter((heads,), dtype, device)
         self.backend = backend
@@ -171,6 +220,18 @@ class SelfAttention(nn.Module):
         self.group_index = config.kv_group_of_layer(layer)
         self.sliding_window = config.layer_window(layer)
         self.scale = 1.0 / math.sqrt(head_dim)
+
+    @property
+    def q_proj(self) -> Rows:
+        return Rows(self.qkv_proj, 0, self.q_size)
+
+    @property
+    def k_proj(self) -> Rows:
+        return Rows(self.qkv_proj, self.q_size, self.q_size + self.kv_size)
+
+    @property
+    def v_proj(self) -> Rows:
+        return Rows(self.qkv_proj, self.q_size + self.kv_size, self.q_size + 2 * self.kv_size)
 
     def forward(
         self,
@@ -182,9 +243,11 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x [T, d] (normalised) -> [T, d]."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        qkv = self.qkv_proj(x)  # [T, q + 2 kv]; q, k, v below are strided views of it
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
         q, k = self.rotary.rotate(q, k, cos, sin)
         key_cache, value_cache = kv_cache
         attended = self.backend.forward(
@@ -266,19 +329,28 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm(d, eps, dtype, device)
+        norm = attention if isinstance(attention, NormBackend) else TorchNorm()
+        self.input_layernorm = RMSNorm(d, eps, dtype, device, norm)
         self.self_attn = SelfAttention(config, layer, attention, dtype, device)
-        self.post_attention_layernorm = RMSNorm(d, eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(d, eps, dtype, device, norm)
         self.mlp = MoEBlock(config, moe, dtype, device)
 
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         metadata: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """x [T, d] -> [T, d]."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, metadata, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) [T, d] -> (moe output, residual stream before it).
+
+        The residual stream is carried unsummed between layers so that each add fuses into
+        the norm after it: the layer's input is x + residual (x alone for the first layer),
+        its output the pair whose sum is the next layer's input.
+        """
+        normed, residual = self.input_layernorm(x, residual)
+        attended = self.self_attn(normed, cos, sin, metadata, kv_cache)
+        normed, residual = self.post_attention_layernorm(attended, residual)
+        return self.mlp(normed), residual

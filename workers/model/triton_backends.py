@@ -1,7 +1,8 @@
 """The Triton kernels of kernels/ behind the model's backend interfaces, and backend choice.
 
     TritonPagedAttention   write_kv + paged_attention (kernels/attention.py), and the
-                           rotary of q and k (kernels/rope.py) as a RotaryBackend
+                           rotary of q and k (kernels/rope.py) as a RotaryBackend, and
+                           the RMSNorms with fused residual adds (kernels/rmsnorm.py)
     TritonMoE              moe_mxfp4 on the packed checkpoint experts (kernels/moe.py)
 
 Both honour the contracts of workers/model/attention.py and workers/model/moe.py, so the
@@ -24,23 +25,31 @@ import torch
 
 from kernels.attention import paged_attention, write_kv
 from kernels.moe import moe_mxfp4
+from kernels.rmsnorm import rmsnorm
 from kernels.rope import rotary_embedding_
 from workers.model.attention import (
     AttentionBackend,
     AttentionMetadata,
     TorchPagedAttention,
 )
-from workers.model.layers import RotaryBackend
+from workers.model.layers import NormBackend, RotaryBackend
 from workers.model.moe import MoEBackend, MoEWeights, TorchMoE
 
 KernelsName = Literal["torch", "triton"]
 KERNELS_NAMES: tuple[str, ...] = ("torch", "triton")
 
 
-class TritonPagedAttention(AttentionBackend, RotaryBackend):
+class TritonPagedAttention(AttentionBackend, RotaryBackend, NormBackend):
     """Paged attention through the Triton kernels: one write launch, one attention launch
     (plus a merge launch when the key range is split, as for small decode batches). As a
-    RotaryBackend it also rotates q and k, in place, in one launch."""
+    RotaryBackend it also rotates q and k, in place, in one launch; as a NormBackend it runs
+    every RMSNorm of the model with the residual add fused in (kernels/rmsnorm.py)."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, d] -> (normed, x + residual): one launch."""
+        return rmsnorm(x, weight, eps, residual)
 
     def rotate(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
