@@ -265,15 +265,14 @@ def bench_rmsnorm(s: Shapes, device: torch.device, token_counts: list[int]) -> t
 
 # ----------------------------------------------------------------------------- tile sweep
 
-def _moe_candidates(tokens: int, top_k: int) -> list[MoETiling]:
-    if tokens * top_k <= 32:
-        return [MoETiling(bw, 16, bk, warps, grouped=grouped) for bw in (32, 64, 128)
-                for bk in (128, 256, 512) for warps in (4, 8) for grouped in (False, True)
-                if grouped or tokens * top_k <= 8]
+def _moe_candidates(tokens: int) -> list[MoETiling]:
+    if tokens <= 64:
+        return [MoETiling(16, bn, bk, warps) for bn in (16, 32, 64) for bk in (128, 256, 512)
+                for warps in (4, 8)]
     if tokens <= 256:
-        return [MoETiling(bw, bt, bk, warps) for bw in (64, 128) for bt in (16, 32, 64)
-                for bk in (64, 128, 256) for warps in (4, 8)]
-    return [MoETiling(bw, bt, bk, warps) for bw in (64, 128, 256) for bt in (64, 128)
+        return [MoETiling(bm, bn, bk) for bm in (16, 32, 64) for bn in (64, 128)
+                for bk in (64, 128)]
+    return [MoETiling(bm, bn, bk, warps) for bm in (64, 128) for bn in (64, 128)
             for bk in (64, 128) for warps in (4, 8)]
 
 
@@ -291,7 +290,7 @@ def sweep(s: Shapes, device: torch.device, context: int, prompt: int, moe_tokens
         x = torch.randn(tokens, s.d_model, device=device).to(torch.bfloat16)
         expected = moe_mxfp4_reference(x, **w, top_k=s.top_k)
         timed = []
-        for tiling in _moe_candidates(tokens, s.top_k):
+        for tiling in _moe_candidates(tokens):
             run = functools.partial(moe_mxfp4, x, **w, top_k=s.top_k, tiling=tiling)
             max_err, rms_err = errors(run().float(), expected)
             if not (max_err < BF16_MAX_ERR and rms_err < BF16_RMS_ERR):
