@@ -33,6 +33,7 @@ lists device time per kernel name of one decode and one prefill step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -78,6 +79,20 @@ GPT_OSS_20B = tiny_config(
     eos_token_id=200002,
     pad_token_id=199999,
 )
+
+GPT_OSS_120B = tiny_config(
+    **{
+        name: getattr(GPT_OSS_20B, name)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "num_experts_per_tok", "sliding_window",
+                     "max_position_embeddings", "eos_token_id", "pad_token_id")
+    },
+    num_hidden_layers=36,
+    num_local_experts=128,
+    layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(36)),
+)
+MEASURED_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
+"""Device-to-device copy rates measured on this workplace (shared/PERFORMANCE.md)."""
 
 
 @dataclass(frozen=True)
@@ -622,12 +637,19 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     parser.add_argument("--check-fp32", action="store_true", help="fp32 Triton-vs-torch check")
     parser.add_argument("--profile", action="store_true", help="kernel times of one step")
+    parser.add_argument("--model", choices=("20b", "120b"), default="20b",
+                        help="gpt-oss shape (120b needs an H200's memory)")
     args = parser.parse_args()
     plan = SMOKE_PLAN if args.smoke else FULL_PLAN
+    if args.model == "120b" and not args.smoke:
+        plan = dataclasses.replace(plan, config=GPT_OSS_120B)
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --smoke on CPU")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    global BANDWIDTH
+    BANDWIDTH = next((rate for chip, rate in MEASURED_BANDWIDTH.items() if chip in name),
+                     BANDWIDTH)
     import triton
 
     print(
@@ -664,6 +686,7 @@ def main() -> None:
             "commit": commit(),
             "torch": torch.__version__,
             "triton": triton.__version__,
+            "model": args.model,
             "bandwidth_bytes_per_s": BANDWIDTH,
             "matmul_flop_per_s": MATMUL_RATE,
             "plan": {k: str(v) for k, v in asdict(plan).items() if k != "config"},

@@ -231,18 +231,52 @@ def _down_kernel(
 # ---------------------------------------------------------------------------------------
 
 
+# Powers of two of the bit-placement decode (see _row_dot_mxfp4).
+_TWO_POW_64 = tl.constexpr(18446744073709551616.0)
+_TWO_POW_62 = tl.constexpr(4611686018427387904.0)
+
+
 @triton.jit
-def _row_dot_mxfp4(vec_ptr, blocks_ptr, scales_ptr, rows, row_mask, K, row_bytes, groups,
+def _row_dot_mxfp4(vec_ptr, blocks_ptr, scales_ptr, rows, row_mask, K, groups,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k W[rows, k] * vec[k] in fp32 -> [BLOCK_N]; vec is one contiguous row of K."""
+    """sum_k W[rows, k] * vec[k] in fp32 -> [BLOCK_N]; vec is one contiguous row of K.
+
+    The E2M1 codes become floats by bit placement alone, and each group's scale is applied
+    once to its partial sum instead of to every weight (1.3x faster at T = 1..4 on an H100
+    than the table lookup, int-to-float conversion and per-weight scale of the GEMMs' fp32
+    path, which made the GEMV ALU-bound).
+
+    A code's three magnitude bits placed at fp32 bits 22-24 (its sign at bit 31) read as
+    the code's value times 2^-126: exponent bits 23-24 hold E2M1's exponent and bit 22 its
+    mantissa, and the zero-exponent code 0.5 lands on an fp32 subnormal, which the FMA
+    takes exactly. The activations are pre-scaled by 2^64 so the products stay normal;
+    a group's partial sum is then multiplied by 2^(s - 127) and by 2^62 (= 2^(126 - 64)).
+    Every scaling is an exact power of two, so only the order of the fp32 sums differs
+    from the reference. Tiles are [rows, groups, 16 bytes]: a group's bytes are one
+    thread's 16-byte load and its sum needs no exchange between threads.
+    """
+    KG: tl.constexpr = BLOCK_K // 32
+    group_offs = tl.arange(0, KG)                                            # [KG]
+    byte_offs = tl.arange(0, 16)                                             # [16]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        vec = tl.load(vec_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)    # [BK]
-        vec_even, vec_odd = tl.split(tl.reshape(vec, (BLOCK_K // 2, 2)))          # [BK/2] each
-        w_even, w_odd = _load_mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, k0,
-                                         row_bytes, groups, BLOCK_N, BLOCK_K)     # [BN, BK/2]
-        acc += tl.sum(w_even * vec_even[None, :] + w_odd * vec_odd[None, :], axis=1)
+        group = k0 // 32 + group_offs                                        # [KG]
+        g_valid = group < groups
+        byte = group[:, None] * 16 + byte_offs[None, :]                      # [KG, 16]
+        packed = tl.load(blocks_ptr + rows[:, None, None] * (groups * 16) + byte[None, :, :],
+                         mask=row_mask[:, None, None] & g_valid[None, :, None],
+                         other=0).to(tl.int32)                               # [BN, KG, 16]
+        even = 2 * byte                                                      # [KG, 16] inputs
+        vec_even = tl.load(vec_ptr + even, mask=g_valid[:, None], other=0.0).to(tl.float32)
+        vec_odd = tl.load(vec_ptr + even + 1, mask=g_valid[:, None], other=0.0).to(tl.float32)
+        w_even = (((packed & 7) << 22) | ((packed & 8) << 28)).to(tl.float32, bitcast=True)
+        w_odd = (((packed & 0x70) << 18) | ((packed & 0x80) << 24)).to(tl.float32, bitcast=True)
+        partial = tl.sum(w_even * (vec_even * _TWO_POW_64)[None, :, :]
+                         + w_odd * (vec_odd * _TWO_POW_64)[None, :, :], axis=2)  # [BN, KG]
+        scale_byte = tl.load(scales_ptr + rows[:, None] * groups + group[None, :],
+                             mask=row_mask[:, None] & g_valid[None, :], other=0)
+        scale = (scale_byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)   # 2^(s - 127)
+        acc += tl.sum(partial * scale * _TWO_POW_62, axis=1)
     return acc
 
 
@@ -262,7 +296,7 @@ def _gate_up_swiglu_gemv_kernel(
     row_valid = local < 2 * d_ff
     rows = expert * 2 * d_ff + local
     acc = _row_dot_mxfp4(x_ptr + token * stride_x, blocks_ptr, scales_ptr, rows, row_valid,
-                         d_model, row_bytes, groups, 2 * BLOCK_N, BLOCK_K)
+                         d_model, groups, 2 * BLOCK_N, BLOCK_K)
     acc += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(acc, (BLOCK_N, 2)))       # [BN] each
     gate = tl.minimum(gate, swiglu_limit)
@@ -287,7 +321,7 @@ def _down_gemv_kernel(
     col_valid = cols < d_model
     rows = expert * d_model + cols
     acc = _row_dot_mxfp4(act_ptr + pair * stride_act, blocks_ptr, scales_ptr, rows, col_valid,
-                         d_ff, row_bytes, groups, BLOCK_N, BLOCK_K)
+                         d_ff, groups, BLOCK_N, BLOCK_K)
     bias = tl.load(bias_ptr + rows, mask=col_valid, other=0.0).to(tl.float32)
     y = (acc + bias) * tl.load(route_weight_ptr + pair)
     tl.store(y_ptr + pair * stride_y + cols, y, mask=col_valid)

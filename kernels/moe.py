@@ -113,7 +113,7 @@ class MoEGemvTiling:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
-GEMV_MAX_PAIRS = 32
+GEMV_MAX_PAIRS = 16
 """Largest T * top_k the default tiling sends down the GEMV path. Each pair streams its
 expert's weights on its own, so the path reads pairs x expert bytes where the grouped GEMMs
 read each used expert once: it wins while pairs are few (the MoE is launch- and
@@ -124,10 +124,10 @@ def default_tiling(num_tokens: int, top_k: int, num_experts: int, d_model: int =
                    d_ff: int = 2880, interpreter: bool = False) -> "MoETiling | MoEGemvTiling":
     """GEMV for at most GEMV_MAX_PAIRS (token, slot) pairs, else the grouped GEMMs.
 
-    GEMV (16, 256) was the fastest of six tilings at gpt-oss-20b shapes on an H100 for
-    T = 1..8 (bench/gpu_e2e.py --moe-sweep): T=1 102 us against 195 us grouped, T=8 476
-    against 496; from T=16 the grouped GEMMs win. block_k shrinks for small layers, where
-    a 256-wide step would be mostly masked. The CPU interpreter pays per program, not per
+    At gpt-oss-20b shapes on an H100 (whole MoE call, CUDA-graph replays): GEMV (16, 256)
+    ran T=1 in 66.6 us and T=4 in 176.7 us, within 1% of the best of 18 tilings; at T=8 the
+    grouped GEMMs won (290.6 against 317.6 us). block_k shrinks for small layers, where a
+    256-wide step would be mostly masked. The CPU interpreter pays per program, not per
     byte: there a tile spans up to 64 outputs.
     """
     if num_tokens * top_k <= GEMV_MAX_PAIRS:
