@@ -13,14 +13,16 @@ pools' prefix-aware policies, the disaggregation decision and its accounting. Pr
 are a mix of continuations of cached conversations (long matches), prompts sharing only
 a hot system prompt, and cold ones.
 Prints p50 / p90 / p99 / max per prompt kind and overall, for place() and for place()
-less the time its prompt hashing takes (workers.kv.block_hash, about 3 us a block in
-Python; it grows with the cached prefix, the rest does not). No Redis, no Ray: the
-stream reader is never asked to read.
+less the time its prompt hashing takes (workers.kv.block_hash, about 1 us a block in
+Python; it grows with the cached prefix, the rest does not), and the machine's load
+average before and after (other jobs on a shared machine show in p99). No Redis, no
+Ray: the stream reader is never asked to read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     rng = random.Random(args.seed)
     workers = _workers(args.workers, rng)
     config = PlacementConfig(
@@ -170,8 +173,10 @@ def main() -> None:
         place_s[kind].append(t1 - t0)
         unhashed_s[kind].append(max(0.0, (t1 - t0) - (t3 - t2)))
 
+    load = " / ".join(f"{x:.2f}" for x in load_before + os.getloadavg())
     print(
-        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}; load average (1, 5, 15 min) before / after: {load}"
     )
     print(
         f"index: {index.num_blocks()} blocks over {len(index.workers)} workers "

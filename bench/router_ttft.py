@@ -9,8 +9,8 @@ conversations at once, each turn the previous prompt + the generated answer + a 
 message, with think time between turns (ChatWorkload). The policy applies to both pools;
 the disaggregation decision is the router's for every policy. Reported: client TTFT
 (call start to the first token) mean / p50 / p90 / p99 over all turns, p50 / p90 over
-later turns (where placement matters: first turns share only the system prompt with
-any cache), output tokens/s and turns/s over the run (closed loop: users wait for
+later turns (where placement matters: first turns share nothing with any cache),
+output tokens/s and turns/s over the run (closed loop: users wait for
 answers, so the slowest conversation sets the wall time), prefix hit rate (cached /
 prompt tokens as the serving workers report them), the share of prompts prefilled on a
 prefill replica.
@@ -109,10 +109,11 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(sorted(values), n=100, method="inclusive")[q - 1]
 
 
-# KV cache tokens per worker per conversation: conversations end near 700 tokens, so a
-# decode worker holds about 40% of them and the decode pool all of them (as in
-# tests/test_router_cluster.py: caches of a busy service, not of an idle one).
-KV_TOKENS_PER_CONVERSATION = 300
+# KV cache tokens per worker per conversation: conversations end near 650 tokens, so a
+# worker holds about a third of them at their longest and the decode pool all of them
+# (the regime of tests/test_router_cluster.py: caches of a busy service, not of an idle
+# one).
+KV_TOKENS_PER_CONVERSATION = 220
 
 
 def run_policy(model_dir: Path, policy: str, workload: ChatWorkload) -> dict:
@@ -134,8 +135,8 @@ def run_policy(model_dir: Path, policy: str, workload: ChatWorkload) -> dict:
         run = run_chat_workload(cluster.target, workload)
     results = run.results
     ttft = [r.ttft_s for r in results]
-    # First turns share nothing but the system prompt with any cache: their TTFT is
-    # the same work under every policy. Later turns are where placement matters.
+    # First turns share nothing with any cache: their TTFT is the same work under every
+    # policy. Later turns are where placement matters.
     later = [r.ttft_s for r in results if r.turn > 0]
     first = [r.ttft_s for r in results if r.turn == 0]
     return {
@@ -173,7 +174,9 @@ def main() -> None:
             seed=args.seed,
             conversations=args.conversations,
             turns=args.turns,
-            system_tokens=64,
+            # No shared system prompt, as in tests/test_router_cluster.py: a prefix every
+            # cache holds hides where a conversation lives.
+            system_tokens=0,
             first_user_tokens=(150, 250),
             user_tokens=(40, 120),
             answer_tokens=(16, 32),

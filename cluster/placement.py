@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from cluster.index_feeder import PrefixIndexFeeder
 from cluster.metrics import RouterMetrics
-from router.load import InFlight, LoadView, WorkerRecord
+from router.load import InFlight, LoadView, ReplicaMemo, WorkerRecord
 from router.policies import DisaggRule, Placement, PlacementPolicy, place
 from router.prefix_index import sliding_blocks
 
@@ -99,6 +99,7 @@ class IngressPlacement:
         self.index = index
         self._metrics = metrics
         self.in_flight = InFlight()
+        self._load_memo: ReplicaMemo = {}
         self.pool_tokens = {"prefill": PoolTokens(), "decode": PoolTokens()}
         self.decisions: Counter[str] = Counter()
         # "pool/policy/reason" and "disagg/reason" -> count, as the metrics have them.
@@ -115,7 +116,7 @@ class IngressPlacement:
 
     def load_view(self, workers: Sequence[WorkerRecord]) -> LoadView:
         return LoadView.from_workers(
-            workers, self.in_flight.counts(), self.in_flight.prompt_tokens()
+            workers, self.in_flight.counts(), self.in_flight.prompt_tokens(), self._load_memo
         )
 
     def cached_tokens(self, prompt_token_ids: Sequence[int], view: LoadView) -> dict[str, int]:

@@ -76,16 +76,20 @@ class ReplicaLoad:
     def __post_init__(self) -> None:
         if not self.replica_id:
             raise ValueError("ReplicaLoad.replica_id must be non-empty")
-        for name in (
-            "running",
-            "waiting",
-            "queued_prompt_tokens",
-            "in_flight",
-            "in_flight_prompt_tokens",
-            "kv_capacity_tokens",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ReplicaLoad.{name} must be >= 0, got {getattr(self, name)}")
+        counts = (
+            self.running,
+            self.waiting,
+            self.queued_prompt_tokens,
+            self.in_flight,
+            self.in_flight_prompt_tokens,
+            self.kv_capacity_tokens,
+        )
+        # One comparison on the placement path; the field is named only on failure.
+        if min(counts) < 0:
+            names = ("running", "waiting", "queued_prompt_tokens", "in_flight")
+            names += ("in_flight_prompt_tokens", "kv_capacity_tokens")
+            name, value = next((n, v) for n, v in zip(names, counts, strict=True) if v < 0)
+            raise ValueError(f"ReplicaLoad.{name} must be >= 0, got {value}")
         if not 0.0 <= self.kv_usage <= 1.0:
             raise ValueError(f"ReplicaLoad.kv_usage must be within [0, 1], got {self.kv_usage}")
         if self.max_num_seqs < 1:
@@ -145,33 +149,64 @@ class LoadView:
         workers: Iterable[WorkerRecord],
         in_flight: Mapping[str, int] | None = None,
         in_flight_prompt_tokens: Mapping[str, int] | None = None,
+        memo: ReplicaMemo | None = None,
     ) -> LoadView:
         """Join registry records with this ingress's in-flight figures (InFlight).
 
         A worker of role "both" joins both pools. Replicas with in-flight requests but no
         record (expired, or not registered yet) are left out: placement only picks what
         the registry says is alive.
+
+        memo: kept by the caller across calls (one per ingress) to reuse a replica's entry
+        while its record is the same object and its in-flight figures are unchanged,
+        which between two registry polls is every replica but the ones the last requests
+        went to. Records must not change in place (WorkerInfo is frozen).
         """
         in_flight = in_flight or {}
         in_flight_prompt_tokens = in_flight_prompt_tokens or {}
         pools: dict[str, dict[str, ReplicaLoad]] = {pool: {} for pool in POOLS}
+        seen = 0
         for worker in workers:
-            entry = ReplicaLoad(
-                replica_id=worker.replica_id,
-                running=worker.load.running,
-                waiting=worker.load.waiting,
-                queued_prompt_tokens=worker.load.queued_prompt_tokens,
-                kv_usage=worker.load.kv_usage,
-                in_flight=in_flight.get(worker.replica_id, 0),
-                in_flight_prompt_tokens=in_flight_prompt_tokens.get(worker.replica_id, 0),
-                max_num_seqs=worker.capacity.max_num_seqs,
-                # Groups are ordered full attention first (GptOssConfig.kv_groups).
-                kv_capacity_tokens=worker.capacity.kv_blocks[0] * worker.capacity.block_size,
-            )
+            rid = worker.replica_id
+            figures = (in_flight.get(rid, 0), in_flight_prompt_tokens.get(rid, 0))
+            known = memo.get(rid) if memo is not None else None
+            if known is not None and known[0] is worker and known[1] == figures:
+                entry = known[2]
+            else:
+                entry = _replica_load(worker, *figures)
+                if memo is not None:
+                    memo[rid] = (worker, figures, entry)
+            seen += 1
             for pool in POOLS:
                 if worker.role in (pool, "both"):
-                    pools[pool][worker.replica_id] = entry
+                    pools[pool][rid] = entry
+        if memo is not None and len(memo) > 2 * seen:
+            # Replicas gone from the registry: forget them (rarely: not on every call).
+            alive = {rid for pool in pools.values() for rid in pool}
+            for rid in [rid for rid in memo if rid not in alive]:
+                del memo[rid]
         return cls(**{pool: tuple(v for _, v in sorted(pools[pool].items())) for pool in POOLS})
+
+
+ReplicaMemo = dict[str, tuple[WorkerRecord, tuple[int, int], ReplicaLoad]]
+"""LoadView.from_workers' memo: replica id -> (its record, its in-flight figures, entry)."""
+
+
+def _replica_load(
+    worker: WorkerRecord, in_flight: int, in_flight_prompt_tokens: int
+) -> ReplicaLoad:
+    return ReplicaLoad(
+        replica_id=worker.replica_id,
+        running=worker.load.running,
+        waiting=worker.load.waiting,
+        queued_prompt_tokens=worker.load.queued_prompt_tokens,
+        kv_usage=worker.load.kv_usage,
+        in_flight=in_flight,
+        in_flight_prompt_tokens=in_flight_prompt_tokens,
+        max_num_seqs=worker.capacity.max_num_seqs,
+        # Groups are ordered full attention first (GptOssConfig.kv_groups).
+        kv_capacity_tokens=worker.capacity.kv_blocks[0] * worker.capacity.block_size,
+    )
 
 
 class InFlight:

@@ -13,18 +13,33 @@ also holds the window before it, which is exactly the engine's own rule:
     worker B full     h0  h1  h2  .               -> 3 blocks
     worker B sliding  .   .   .                   -> nothing before 3 -> 0
 
+Holders are bitmasks: each worker in the index owns two adjacent bits (while it holds any
+block), 2i for the full group and 2i + 1 for the sliding group, and every hash maps to the
+OR of its holders' bits in both groups:
+
+    worker:        w0    w1    w2
+    bits:         f  s  f  s  f  s        mask of h3 above, with A = w0, B = w1:
+    h3            1  1  0  0  0  0        w0 holds h3 in both groups, w1 in neither
+
+A lookup then ANDs masks along the prompt for all workers at once, and applies the
+sliding rule to all of them in one right-to-left pass over the same masks (see
+`_sliding_hits`). This runs on the request path of every ingress replica, with ~100k
+blocks over 16 workers: per block it is one dict lookup and a few int operations. Groups
+other than these two (none today) are kept, and reported by `blocks`, but never matched.
+
 Pure Python; it imports only the block-hash function of workers/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from functools import reduce
+from operator import or_
 
-from workers.kv.block_hash import BlockHash, hash_block, hash_prompt_blocks
+from workers.kv.block_hash import BlockHash, iter_block_hashes
 
 FULL = "full"
 SLIDING = "sliding"
-_NOBODY: frozenset[str] = frozenset()
 
 
 def sliding_blocks(sliding_window: int | None, block_size: int) -> int:
@@ -39,61 +54,100 @@ def sliding_blocks(sliding_window: int | None, block_size: int) -> int:
     return -(-(sliding_window - 1) // block_size)
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
-    """Hashes of the blocks a prompt could reuse: its full blocks, but never the whole
-    prompt (the engine recomputes at least the last token to get its logits)."""
-    usable = max(0, (len(token_ids) - 1) // block_size)
-    return hash_prompt_blocks(token_ids[: usable * block_size], block_size)
-
-
-def _lazy_hashes(token_ids: Sequence[int], block_size: int) -> Iterator[BlockHash]:
-    """prompt_block_hashes, one block at a time, computed only when asked for."""
+def usable_blocks(num_tokens: int, block_size: int) -> int:
+    """Full blocks of a prompt that a cache could serve: never the whole prompt (the
+    engine recomputes at least the last token to get its logits)."""
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    parent = None
-    for start in range(0, (len(token_ids) - 1) // block_size * block_size, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        yield parent
+    return max(0, (num_tokens - 1) // block_size)
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
+    """Hashes of the blocks a prompt could reuse (usable_blocks of them)."""
+    return list(
+        iter_block_hashes(
+            token_ids, block_size, num_blocks=usable_blocks(len(token_ids), block_size)
+        )
+    )
 
 
 class PrefixIndex:
     def __init__(self) -> None:
-        # (group, hash) -> workers holding that block; and each worker's blocks, so a
-        # reset or an expired worker is dropped in time proportional to what it held.
-        self._holders: dict[tuple[str, BlockHash], set[str]] = {}
+        # block hash -> OR of the bits of its holders, full and sliding group (see above).
+        self._masks: dict[BlockHash, int] = {}
+        # Any other group: group -> block hash -> OR of the holders' full-group bits.
+        self._other: dict[str, dict[BlockHash, int]] = {}
+        # Each worker's blocks, so a reset or an expired worker is dropped in time
+        # proportional to what it held; a worker is here (and has bits) iff it holds any.
         self._blocks: dict[str, set[tuple[str, BlockHash]]] = {}
+        self._bit: dict[str, int] = {}
+        # worker -> its full-group bit (the sliding bit is the next one up).
+        self._free_bits: list[int] = []
+        self._next_bit = 0
 
     # ------------------------------------------------------------------- events
 
     def stored(self, worker: str, group: str, block_hash: BlockHash) -> None:
-        key = (group, block_hash)
-        self._holders.setdefault(key, set()).add(worker)
-        self._blocks.setdefault(worker, set()).add(key)
+        bit = self._bit.get(worker)
+        if bit is None:
+            bit = self._bit[worker] = 1 << self._take_bit_index()
+            self._blocks[worker] = set()
+        holders, bit = self._group(group, bit)
+        holders[block_hash] = holders.get(block_hash, 0) | bit
+        self._blocks[worker].add((group, block_hash))
 
     def removed(self, worker: str, group: str, block_hash: BlockHash) -> None:
-        key = (group, block_hash)
-        holders = self._holders.get(key)
-        if holders is not None:
-            holders.discard(worker)
-            if not holders:
-                del self._holders[key]
         blocks = self._blocks.get(worker)
-        if blocks is not None:
-            blocks.discard(key)
+        if blocks is None or (group, block_hash) not in blocks:
+            return
+        blocks.discard((group, block_hash))
+        self._drop(self._bit[worker], group, block_hash)
+        if not blocks:
+            self._release(worker)
 
     def reset(self, worker: str) -> None:
         """Forget every block of `worker` (restart, missed events, heartbeat expired)."""
-        for key in self._blocks.pop(worker, ()):
-            holders = self._holders[key]
-            holders.discard(worker)
-            if not holders:
-                del self._holders[key]
+        blocks = self._blocks.get(worker)
+        if blocks is None:
+            return
+        bit = self._bit[worker]
+        for group, block_hash in blocks:
+            self._drop(bit, group, block_hash)
+        self._release(worker)
+
+    def _group(self, group: str, bit: int) -> tuple[dict[BlockHash, int], int]:
+        """The map holding `group`'s masks, and a worker's bit there (from its full bit)."""
+        if group == FULL:
+            return self._masks, bit
+        if group == SLIDING:
+            return self._masks, bit << 1
+        return self._other.setdefault(group, {}), bit
+
+    def _drop(self, bit: int, group: str, block_hash: BlockHash) -> None:
+        holders, bit = self._group(group, bit)
+        mask = holders[block_hash] & ~bit
+        if mask:
+            holders[block_hash] = mask
+        else:
+            del holders[block_hash]
+
+    def _take_bit_index(self) -> int:
+        # Freed bits are reused, so masks stay as narrow as the number of live workers.
+        if self._free_bits:
+            return self._free_bits.pop()
+        self._next_bit += 2
+        return self._next_bit - 2
+
+    def _release(self, worker: str) -> None:
+        """`worker` holds nothing any more: its bits are in no mask and can be reused."""
+        del self._blocks[worker]
+        self._free_bits.append(self._bit.pop(worker).bit_length() - 1)
 
     # ------------------------------------------------------------------ queries
 
     @property
     def workers(self) -> frozenset[str]:
-        return frozenset(w for w, blocks in self._blocks.items() if blocks)
+        return frozenset(self._blocks)
 
     def num_blocks(self, worker: str | None = None) -> int:
         if worker is None:
@@ -101,7 +155,11 @@ class PrefixIndex:
         return len(self._blocks.get(worker, ()))
 
     def holds(self, worker: str, group: str, block_hash: BlockHash) -> bool:
-        return worker in self._holders.get((group, block_hash), ())
+        bit = self._bit.get(worker)
+        if bit is None:
+            return False
+        holders, bit = self._group(group, bit)
+        return bool(holders.get(block_hash, 0) & bit)
 
     def blocks(self, worker: str) -> frozenset[tuple[str, BlockHash]]:
         """Every (group, block hash) the index says `worker` holds."""
@@ -114,8 +172,12 @@ class PrefixIndex:
         block_size: int,
         sliding_blocks: int = 0,
     ) -> dict[str, int]:
-        """Prompt tokens each worker would find in its prefix cache (whole blocks)."""
-        matched = self.matched_blocks(_lazy_hashes(token_ids, block_size), workers, sliding_blocks)
+        """Prompt tokens each worker would find in its prefix cache (whole blocks). The
+        prompt's blocks are hashed lazily: none past the longest cached prefix + 1."""
+        hashes = iter_block_hashes(
+            token_ids, block_size, num_blocks=usable_blocks(len(token_ids), block_size)
+        )
+        matched = self.matched_blocks(hashes, workers, sliding_blocks)
         return {w: n * block_size for w, n in matched.items()}
 
     def matched_blocks(
@@ -129,49 +191,79 @@ class PrefixIndex:
         hold (ceil((window - 1) / block_size)); 0 when the model has no sliding layers.
         `hashes` is consumed only while some worker still matches: a lazy iterable
         (cached_prompt_tokens) hashes no block past the longest cached prefix."""
-        result = {w: 0 for w in workers}
-        alive = set(result)
-        seen: list[BlockHash] = []
-        # Walk the chain once, shrinking the set of workers still matching.
-        for h in hashes if alive else ():
-            holders = self._holders.get((FULL, h), _NOBODY)
-            if not alive <= holders:
-                for w in alive - holders:
-                    result[w] = len(seen)
-                alive &= holders
+        result = dict.fromkeys(workers, 0)
+        bits = [(w, self._bit[w]) for w in result if w in self._bit]
+        alive = 0
+        for _, bit in bits:
+            alive |= bit
+        if not alive:
+            return result
+        # Walk the chain once, ANDing the workers still matching (full-group bits) with each
+        # block's holders; `ends` records (workers that stopped matching, blocks they
+        # matched), `seen` the masks of the blocks matched, for the sliding rule.
+        masks = self._masks
+        ends: list[tuple[int, int]] = []
+        seen: list[int] = []
+        for h in hashes:
+            mask = masks.get(h, 0)
+            still = alive & mask
+            if still != alive:
+                ends.append((alive & ~still, len(seen)))
+                alive = still
                 if not alive:
                     break
-            seen.append(h)
-        for w in alive:
-            result[w] = len(seen)
+            seen.append(mask)
+        if alive:
+            ends.append((alive, len(seen)))
         if sliding_blocks:
-            # Who holds each block in the sliding group, looked up once for all workers.
-            sliding: dict[int, set[str] | frozenset[str]] = {}
-            for w, n in result.items():
-                result[w] = self._sliding_hit(w, seen, n, sliding_blocks, sliding)
+            ends = self._sliding_hits(seen, ends, sliding_blocks)
+        for mask, n in ends:
+            if n:
+                for w, bit in bits:
+                    if bit & mask:
+                        result[w] = n
         return result
 
-    def _sliding_hit(
-        self,
-        worker: str,
-        hashes: Sequence[BlockHash],
-        n: int,
-        need: int,
-        sliding: dict[int, set[str] | frozenset[str]],
-    ) -> int:
-        """Largest hit <= n whose preceding `need` blocks the sliding group holds: right to
-        left, the first run of `need` held blocks ends it (one pass, as the engine's
-        _SlidingWindowTables.longest_hit); fewer blocks than that before the hit point
-        only suffice from block 0. `sliding` caches block index -> holders."""
-        run = 0
-        for i in range(n - 1, -1, -1):
-            holders = sliding.get(i)
-            if holders is None:
-                holders = sliding[i] = self._holders.get((SLIDING, hashes[i]), _NOBODY)
-            if worker not in holders:
-                run = 0
-                continue
-            run += 1
-            if run == need:
-                return i + run
-        return run
+    @staticmethod
+    def _sliding_hits(
+        masks: Sequence[int], ends: list[tuple[int, int]], need: int
+    ) -> list[tuple[int, int]]:
+        """The engine's sliding rule (as _SlidingWindowTables.longest_hit), for every
+        worker at once: a worker matching n blocks keeps the largest hit h <= n whose
+        `need` blocks before it its sliding group holds; with fewer than `need` blocks
+        before h, all of them from block 0. Scanning right to left from n - 1, that is
+        where the first run of `need` held blocks ends, or the run reaching block 0.
+
+        masks: the matched blocks' masks; ends: (workers by full-group bit, blocks
+        matched). runs[k]: workers whose run of held sliding blocks, counted from the
+        current position rightwards, is at least k + 1 long (only workers still scanning).
+        Shifting a mask right by one puts each worker's sliding bit on its full bit.
+        """
+        any_held = reduce(or_, masks, 0) >> 1
+        # Workers holding no sliding block of the prompt can only hit 0 blocks.
+        starts = sorted(
+            ((mask & any_held, n) for mask, n in ends if n and mask & any_held), key=lambda e: e[1]
+        )
+        out: list[tuple[int, int]] = []
+        scanning = 0
+        runs = [0] * need
+        for i in range(starts[-1][1] - 1 if starts else -1, -1, -1):
+            while starts and starts[-1][1] == i + 1:
+                scanning |= starts.pop()[0]
+            s = masks[i] >> 1 & scanning
+            for k in range(need - 1, 0, -1):
+                runs[k] = runs[k - 1] & s
+            runs[0] = s
+            done = runs[need - 1]
+            if done:
+                out.append((done, i + need))
+                scanning &= ~done
+                runs = [r & scanning for r in runs]
+            if not scanning and not starts:
+                return out
+        # Runs that reached block 0 shorter than `need`: the longest first.
+        for k in range(need - 1, -1, -1):
+            if runs[k] & scanning:
+                out.append((runs[k] & scanning, k + 1))
+                scanning &= ~runs[k]
+        return out

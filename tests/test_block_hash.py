@@ -7,17 +7,22 @@ import sys
 
 import pytest
 
-from workers.kv.block_hash import BLOCK_HASH_BYTES, hash_block, hash_prompt_blocks
+from workers.kv.block_hash import (
+    BLOCK_HASH_BYTES,
+    hash_block,
+    hash_prompt_blocks,
+    iter_block_hashes,
+)
 
 
 def _reference_hash(parent: bytes | None, tokens: list[int], extra: bytes) -> bytes:
     """The documented encoding, written out independently with int.to_bytes."""
-    data = b"tandem.kv.block.v1"
+    data = b"tandem.kv.block.v2"
     data += b"\x00" if parent is None else b"\x01" + parent
     data += len(extra).to_bytes(4, "little") + extra
     data += len(tokens).to_bytes(4, "little")
     data += b"".join(t.to_bytes(4, "little") for t in tokens)
-    return hashlib.sha256(data).digest()[:16]
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def test_matches_documented_encoding():
@@ -26,6 +31,18 @@ def test_matches_documented_encoding():
     h1 = hash_block(h0, [2**32 - 1, 0])
     assert h1 == _reference_hash(h0, [2**32 - 1, 0], b"")
     assert len(h1) == BLOCK_HASH_BYTES
+
+
+def test_pinned_values():
+    """Literal values of the v2 encoding: a change of the hash function, the encoding or
+    the library's BLAKE2b shows here even if the reference above changed along with it
+    (the workers' Redis streams and every router's index depend on these bytes)."""
+    assert hash_block(None, [1, 2, 3, 70000], b"salt").hex() == "4fca5d1cf85f114865ae1cf7290ae9e8"
+    assert b"".join(hash_prompt_blocks(list(range(24)), 8)).hex() == (
+        "094c7c8bbeee9afd1326fbc911de5f07"
+        "61d2b516b998fb0201746cfaf7a65486"
+        "94d9a87194535d3761b9fb93eee54d46"
+    )
 
 
 def test_every_input_changes_the_hash():
@@ -81,3 +98,30 @@ def test_stable_across_processes_and_hash_seeds():
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=root)
         outs.add(subprocess.check_output([sys.executable, "-c", code], env=env, cwd=root).strip())
     assert outs == {b"".join(hash_prompt_blocks(list(range(40)), 8, b"m")).hex().encode()}
+
+
+def test_iter_block_hashes_is_the_chain_hash_block_computes():
+    """The bulk path (one encoding for many blocks, in chunks) against hash_block chained
+    by hand, across chunk boundaries, with a salt, and cut at num_blocks."""
+    tokens = [(i * 7919) % 2**32 for i in range(8 * 70 + 5)]  # 70 full blocks + 5 tokens
+    for block_size in (1, 3, 8):
+        chain, parent = [], None
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            parent = hash_block(parent, tokens[start : start + block_size], b"s")
+            chain.append(parent)
+        assert list(iter_block_hashes(tokens, block_size, b"s")) == chain
+        assert hash_prompt_blocks(tokens, block_size, b"s") == chain
+        for n in (0, 1, 33, 69, 10_000):
+            assert list(iter_block_hashes(tokens, block_size, b"s", num_blocks=n)) == chain[:n]
+    assert list(iter_block_hashes(tokens[:7], 8)) == []
+
+
+def test_iter_block_hashes_is_lazy_and_checks_tokens():
+    blocks = iter_block_hashes([5] * 800, 8)
+    assert next(blocks) == hash_block(None, [5] * 8)
+    with pytest.raises(ValueError, match="token_ids"):
+        list(iter_block_hashes([1] * 8 + [-1] * 8, 8))
+    with pytest.raises(ValueError, match="token_ids"):
+        hash_prompt_blocks([2**32] * 8, 8)
+    with pytest.raises(ValueError, match="block_size"):
+        next(iter_block_hashes([1, 2], 0))

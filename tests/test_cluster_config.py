@@ -42,7 +42,7 @@ def test_shipped_default_loads(tmp_path):
         max_num_batched_tokens=1024,
     )
     assert s.decode_engine == s.prefill_engine
-    assert (s.placement.prefill, s.placement.decode) == ("least_loaded", "least_loaded")
+    assert (s.placement.prefill, s.placement.decode) == ("prefix_aware", "prefix_aware")
     assert (s.grpc.host, s.grpc.port) == ("127.0.0.1", 50051)
     assert s.api_key_env == "TANDEM_API_KEY"
     assert s.control_plane.heartbeat_interval_s < s.control_plane.heartbeat_ttl_s

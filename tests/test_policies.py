@@ -487,8 +487,14 @@ def test_cached_prompt_tokens_hashes_lazily_and_agrees_with_full_hashing(monkeyp
             for h in hashes[-3:]:
                 index.stored(w, SLIDING, h)
     calls = []
-    real = prefix_index.hash_block
-    monkeypatch.setattr(prefix_index, "hash_block", lambda *a: calls.append(1) or real(*a))
+    real = prefix_index.iter_block_hashes
+
+    def counted(*args, **kwargs):
+        for h in real(*args, **kwargs):
+            calls.append(1)
+            yield h
+
+    monkeypatch.setattr(prefix_index, "iter_block_hashes", counted)
     for _ in range(50):
         prompt = rng.choice(stems)[: rng.randint(1, 48)] + [rng.randrange(30) for _ in range(9)]
         for window_blocks in (0, 2):

@@ -100,4 +100,76 @@ def test_index_agrees_with_the_engine_lookup_under_churn():
     rebuilt = PrefixIndex()
     for ev in kv.snapshot():
         rebuilt.stored("w", ev.group, ev.block_hash)
-    assert rebuilt._holders == index._holders
+    assert rebuilt.workers == index.workers == {"w"}
+    assert rebuilt.blocks("w") == index.blocks("w")
+
+
+def _reference_match(
+    held: dict[tuple[str, str], set[bytes]], worker: str, hashes: list[bytes], need: int
+) -> int:
+    """The rule of the module docstring, one worker at a time: the leading run of full
+    blocks, then the largest hit <= it whose `need` blocks before it (or all blocks
+    before it, when fewer) the sliding group holds."""
+    full, sliding = held.get((worker, FULL), set()), held.get((worker, SLIDING), set())
+    n = 0
+    while n < len(hashes) and hashes[n] in full:
+        n += 1
+    if not need:
+        return n
+    for hit in range(n, 0, -1):
+        if all(h in sliding for h in hashes[max(0, hit - need) : hit]):
+            return hit
+    return 0
+
+
+def test_matching_equals_the_reference_under_random_events():
+    """Random stored / removed / reset events over 20 workers (bits are freed and reused
+    as workers come and go), checked against per-worker sets after every few events."""
+    rng = random.Random(11)
+    chains = [[bytes([c, i]) * 8 for i in range(24)] for c in range(4)]
+    workers = [f"w{i}" for i in range(20)]
+    index = PrefixIndex()
+    held: dict[tuple[str, str], set[bytes]] = {}
+    checked = 0
+    for step in range(3000):
+        w = rng.choice(workers)
+        roll = rng.random()
+        if roll < 0.01:
+            index.reset(w)
+            for group in (FULL, SLIDING):
+                held.pop((w, group), None)
+        else:
+            group = FULL if rng.random() < 0.6 else SLIDING
+            h = rng.choice(rng.choice(chains)[: rng.randint(1, 24)])
+            if roll < 0.7:
+                index.stored(w, group, h)
+                held.setdefault((w, group), set()).add(h)
+            else:
+                index.removed(w, group, h)
+                held.get((w, group), set()).discard(h)
+        if step % 10:
+            continue
+        expected_workers = {w for (w, _), blocks in held.items() if blocks}
+        assert index.workers == expected_workers
+        for w in workers:
+            assert index.blocks(w) == {(g, h) for (x, g), b in held.items() if x == w for h in b}
+        chain = rng.choice(chains)[: rng.randint(0, 24)]
+        asked = rng.sample(workers, rng.randint(1, len(workers))) + ["nobody"]
+        for need in (0, 1, 2, 5):
+            got = index.matched_blocks(iter(chain), asked, need)
+            want = {w: _reference_match(held, w, chain, need) for w in asked}
+            assert got == want, (step, need)
+            checked += any(want.values())
+    assert checked > 100  # real hits were compared, not only misses
+
+
+def test_other_groups_are_kept_but_never_matched():
+    index = PrefixIndex()
+    index.stored("a", "chunked", H[0])
+    assert index.holds("a", "chunked", H[0]) and not index.holds("a", FULL, H[0])
+    assert index.blocks("a") == {("chunked", H[0])} and index.workers == {"a"}
+    assert index.matched_blocks(H[:2], ["a"]) == {"a": 0}
+    index.stored("b", FULL, H[0])
+    index.removed("a", "chunked", H[0])
+    assert index.workers == {"b"} and not index.holds("a", "chunked", H[0])
+    assert index.matched_blocks(H[:2], ["a", "b"], sliding_blocks=0) == {"a": 0, "b": 1}

@@ -6,11 +6,12 @@ placement section of the config.
 
 With Ray (one cluster for the module): 2 ingress + 2 prefill + 3 decode replicas of the
 tiny model on CPU, prefix-aware placement in both pools, and a multi-turn chat workload
-(tests/cluster_fixtures.py). Caches are sized as a busy service's are: one worker cannot
-hold every conversation, the pool can. Checked: the prefix hit rate against an oracle
-that knows every cache (the same exact index), and against round-robin on the same
-workers; that both ingress replicas build the same index and make the same choices;
-and that ingress replicas killed and replaced by Serve come back with the whole index.
+(tests/cluster_fixtures.py) in the regime cache-aware routing is for: the conversations'
+KV exceeds one worker's cache and fits in the decode pool's (see the workload test).
+Checked: the prefix hit rate against an oracle that knows every cache (the same exact
+index), and against round-robin on the same workers; that both ingress replicas build
+the same index and make the same choices; and that ingress replicas killed and replaced
+by Serve come back with the whole index.
 """
 
 from __future__ import annotations
@@ -53,15 +54,20 @@ ENGINE = {
     "device": "cpu",
     "dtype": "float32",
     "block_size": 8,
-    # 2560 tokens per worker: a decode worker holds about a third of the conversations
-    # at their longest, the decode pool all of them.
-    "kv_cache_tokens": 2560,
+    # 2048 tokens per worker: the workload's conversations end near 6,200 tokens in all,
+    # so one decode worker holds about a third of them at their longest, the decode
+    # pool all of them (CHAT below).
+    "kv_cache_tokens": 2048,
     "max_num_seqs": 16,
     "max_num_batched_tokens": 128,
     "max_model_len": 512,
 }
 PREFIX_AWARE = {"prefill": "prefix_aware", "decode": "prefix_aware"}
 ROUND_ROBIN = {"prefill": "round_robin", "decode": "round_robin"}
+# The multi-turn workload of the hit-rate test: 16 conversations x 5 turns, no shared
+# system prompt (a shared prefix is cached everywhere and hides where a conversation is),
+# each turn the previous prompt + the generated answer + 24-56 new tokens.
+CHAT = {"conversations": 16, "turns": 5, "system_tokens": 0}
 
 
 # ------------------------------------------------------------ feeder over Redis
@@ -221,8 +227,28 @@ def _pool_sums(states: dict[str, dict]) -> dict[str, int]:
 
 def test_prefix_aware_reuse_against_the_oracle_and_round_robin(cluster, vocab, capsys):
     """A multi-turn chat workload through the two prefix-aware ingress replicas, then a
-    fresh one of the same shape through a round-robin ingress over the same workers."""
-    pa = run_chat_workload(cluster.target, ChatWorkload(vocab, seed=1))
+    fresh one of the same shape through a round-robin ingress over the same workers.
+
+    Workload (CHAT, ENGINE): 16 conversations x 5 turns, no shared system prompt, each
+    turn extending the previous prompt; they end near 430 tokens, 6,200 in all, and each
+    worker caches 2048 tokens: about a third of the conversations at their longest, so
+    the decode pool holds them all only if each stays on one replica. Prefix-aware keeps
+    a conversation where its KV is; round-robin spreads it over every replica, and LRU
+    evicts what the others' turns displace.
+
+    Measured (2 shared cores, bench/RESULTS.md "Router"): prefix-aware 0.69-0.74, at
+    0.96-1.0 of the oracle; round-robin 0.37-0.57: 1.3x-2.0x. With caches that hold
+    everything (16k tokens per worker, a 32-token shared system prompt) the ratio is
+    1.3x. The issue asks for 3x round-robin; LRU caches on 2 prefill + 3 decode replicas
+    cannot show that: the replica that served a conversation's previous turn keeps it as
+    long under round-robin as under prefix-aware (one round of the other conversations'
+    turns in between either way), round-robin sends the next turn there one time in
+    three (a third of prefix-aware's reuse), and half of the rest to the prefill replica
+    that computed the previous prompt. Smaller caches lower both (1280 tokens:
+    prefix-aware 0.50, below 0.9 of its oracle; round-robin 0.29). So what is checked is
+    the oracle bound and a margin over round-robin that holds run after run.
+    """
+    pa = run_chat_workload(cluster.target, ChatWorkload(vocab, seed=1, **CHAT))
     states = cluster.router_states()
     assert len(states) == 2
     # Clients were spread over both ingress replicas; conversations moved between them.
@@ -239,7 +265,7 @@ def test_prefix_aware_reuse_against_the_oracle_and_round_robin(cluster, vocab, c
     oracle_any_rate = sums["oracle_any_tokens"] / prompt
 
     rr_target = cluster.add_ingress_app("tandem-rr", ROUND_ROBIN)
-    rr = run_chat_workload(rr_target, ChatWorkload(vocab, seed=2))
+    rr = run_chat_workload(rr_target, ChatWorkload(vocab, seed=2, **CHAT))
     rr_rate = hit_rate(rr.results)
     with capsys.disabled():
         print(
@@ -249,12 +275,8 @@ def test_prefix_aware_reuse_against_the_oracle_and_round_robin(cluster, vocab, c
             f"{_decisions(states)}"
         )
     assert pa_rate >= 0.9 * oracle_rate
-    # The issue asks for 3x round-robin's rate. This workload cannot show that: the
-    # shared system prompt and the turns before each one bound what any router can reuse
-    # (the oracle above, about 0.8), and round-robin over 2 prefill + 3 decode replicas
-    # keeps a good part of it by chance (about 0.5 to 0.56 measured; prefix-aware
-    # 1.4x to 1.5x of it). What is checked is a clear margin over round-robin.
-    assert pa_rate >= 1.25 * rr_rate
+    # Not the issue's 3x (see the docstring): measured 1.3x to 2.0x.
+    assert pa_rate >= 1.2 * rr_rate
 
 
 def _decisions(states: dict[str, dict]) -> dict[str, int]:

@@ -1,0 +1,51 @@
+"""LoadView.from_workers with a memo (what an ingress keeps across placements): the same
+views as without one, entries reused only while nothing they were built from changed."""
+
+from __future__ import annotations
+
+from router.load import LoadView, ReplicaMemo
+from workers.control_plane import WorkerCapacity, WorkerInfo, WorkerLoad
+
+
+def _worker(rid: str, role: str, running: int = 0) -> WorkerInfo:
+    return WorkerInfo(
+        replica_id=rid,
+        role=role,
+        model="tiny",
+        capacity=WorkerCapacity(max_num_seqs=8, kv_blocks=(64, 16), block_size=8),
+        load=WorkerLoad(running=running, queued_prompt_tokens=3 * running, kv_usage=0.25),
+    )
+
+
+def test_memo_gives_the_same_views_and_reuses_only_unchanged_entries():
+    workers = [_worker("p0", "prefill", 1), _worker("d0", "decode", 2), _worker("b0", "both", 3)]
+    memo: ReplicaMemo = {}
+    in_flight, tokens = {"d0": 1}, {"d0": 40}
+    first = LoadView.from_workers(workers, in_flight, tokens, memo)
+    assert first == LoadView.from_workers(workers, in_flight, tokens)
+    assert sorted(memo) == ["b0", "d0", "p0"]
+    entries = {r.replica_id: r for r in first.prefill + first.decode}
+
+    # Nothing changed: every entry is the very object of the last view.
+    again = LoadView.from_workers(workers, in_flight, tokens, memo)
+    assert all(r is entries[r.replica_id] for r in again.prefill + again.decode)
+
+    # New in-flight figures for d0, a new record (next registry poll) for p0.
+    workers[0] = _worker("p0", "prefill", 5)
+    in_flight, tokens = {"d0": 2}, {"d0": 90}
+    view = LoadView.from_workers(workers, in_flight, tokens, memo)
+    assert view == LoadView.from_workers(workers, in_flight, tokens)
+    by_id = {r.replica_id: r for r in view.prefill + view.decode}
+    assert (by_id["d0"].in_flight, by_id["d0"].in_flight_prompt_tokens) == (2, 90)
+    assert by_id["p0"].running == 5
+    assert by_id["b0"] is entries["b0"]
+
+
+def test_memo_forgets_replicas_that_left_the_registry():
+    memo: ReplicaMemo = {}
+    many = [_worker(f"d{i}", "decode") for i in range(6)]
+    LoadView.from_workers(many, memo=memo)
+    assert len(memo) == 6
+    LoadView.from_workers(many[:2], memo=memo)
+    assert sorted(memo) == ["d0", "d1"]
+    assert LoadView.from_workers([], memo=memo) == LoadView()
