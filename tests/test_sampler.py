@@ -366,3 +366,46 @@ def test_exponential_race_never_picks_a_masked_token() -> None:
     logits[:, ::2] = -math.inf
     tokens = _sample_rows(logits, SamplingParams(), seed=6)
     assert all(t % 2 == 1 for t in tokens.tolist())
+
+
+# ---- kernel path (kernels/sampling.py) against the torch path ------------------------------
+
+
+def test_kernel_is_opt_in() -> None:
+    assert not Sampler().uses_kernel(torch.device("cpu"))
+    assert not Sampler().uses_kernel(torch.device("cuda"))
+    assert not Sampler(use_kernel=False).uses_kernel(torch.device("cuda"))
+    assert Sampler(use_kernel=True).uses_kernel(torch.device("cpu"))
+
+
+# The kernel runs on CUDA tensors there, and on CPU tensors only through the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("device", [KERNEL_DEVICE])
+def test_kernel_path_equals_torch_path(device: str) -> None:
+    # Every step at once (penalties, min_tokens, greedy, seeds, the shared generator), two
+    # steps so the generators advance; on CPU the kernel runs in the Triton interpreter.
+    params = [
+        TARGET_REQUEST,
+        *OTHERS.values(),
+        SamplingParams(temperature=0.6, top_k=5, top_p=0.8, seed=3),
+        SamplingParams(temperature=1.3, min_p=0.05),
+    ]
+    names = ["target", *OTHERS, "target", "seeded"]  # logits of the extra rows reuse names
+    histories = [((3, 4, 5), (7, 7)), ((3,), ()), ((3,), (1,)), ((3,), ()), ((2,), ())] * 2
+    tokens = {}
+    for use_kernel in (False, True):
+        sampler = Sampler(torch.Generator(device=device).manual_seed(0), use_kernel=use_kernel)
+        generators = [
+            seeded_generator(p.seed, device) if p.seed is not None else None for p in params
+        ]
+        steps = []
+        for step in range(2):
+            logits = torch.stack([_step_logits(n, step) for n in names]).to(device)
+            out = sampler.sample(
+                logits, params, generators, histories[: len(params)], [[0]] * len(params)
+            )
+            steps.append(out.token_ids.tolist())
+        tokens[use_kernel] = steps
+    assert tokens[True] == tokens[False]

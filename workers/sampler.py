@@ -19,11 +19,23 @@ rows: each row draws its V exponentials from its own generator (seeded requests 
 unseeded requests share the sampler's), so a seeded request's draws are the same whatever
 the batch. Greedy rows draw nothing, so switching a request to greedy never shifts another's.
 
+Two implementations of the random rows, equal token for token given the same draws
+(kernels/sampling.py states the fp32-rounding caveat):
+
+- Sampler(use_kernel=True): one Triton kernel (kernels/sampling.sample_tokens) finds each
+  row's top-k, top-p and min-p thresholds by a search over the values instead of a sort and
+  runs the race, reading the noise drawn here (opt-in for now: see Sampler);
+- the torch path below (the default): the reference, with separate mask functions.
+
+The kernel covers every SamplingParams combination; `use_kernel` is the one switch between
+the two, so nothing falls back silently.
+
 Costs per step (B rows, V vocabulary): one [B, V] copy of the logits; penalties build [N, V]
 count and mask tensors from the token histories (O(history + N·V), rows with penalties only);
-top-k is a torch.topk of the largest k asked for, not a sort; top-p sorts the whole row
-(O(V log V), top-p rows only); the exponential draw is one kernel per random row, because
-batching it would let one row's draws depend on the others'.
+the exponential draw is one kernel per random row, because batching it would let one row's
+draws depend on the others'. Torch path: top-k is a torch.topk of the largest k asked for,
+not a sort; top-p sorts the whole row (O(V log V), top-p rows only). Kernel path: about 8
+passes over the row per truncation asked for, 2 without any.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.sampling import sample_tokens
 from workers.sampling_params import SamplingParams
 
 # (prompt_token_ids, output_token_ids) of one request.
@@ -68,10 +81,21 @@ def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 class Sampler:
     """Picks one token per row. Holds the generator shared by requests without a seed
-    (None: torch's default generator of the device)."""
+    (None: torch's default generator of the device) and the choice of implementation for
+    the random rows: use_kernel True takes the Triton kernel (CPU logits then need
+    TRITON_INTERPRET=1); False or None the torch path. The kernel is opt-in until one GPU
+    test disagreement is understood (tests/test_kernel_sampling.py,
+    test_noise_is_read_only_where_kept on CUDA)."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, generator: torch.Generator | None = None, use_kernel: bool | None = None
+    ) -> None:
         self.generator = generator
+        self.use_kernel = use_kernel
+
+    def uses_kernel(self, device: torch.device) -> bool:
+        """Whether random rows of logits on `device` go through the Triton kernel."""
+        return bool(self.use_kernel)
 
     def sample(
         self,
@@ -109,9 +133,14 @@ class Sampler:
         randomised = [i for i, p in enumerate(params) if not p.is_greedy]
         if randomised:
             rows = torch.tensor(randomised, device=device)
-            probs = sampling_probs(work[rows], [params[i] for i in randomised])  # [R, V]
+            row_params = [params[i] for i in randomised]
             row_generators = [_own_or(generators[i], self.generator) for i in randomised]
-            token_ids[rows] = exponential_race(probs, row_generators)
+            noise = exponential_noise(row_generators, logits.shape[1], device)  # [R, V]
+            if self.uses_kernel(device):
+                token_ids[rows] = kernel_sample(work[rows], noise, row_params)
+            else:
+                probs = sampling_probs(work[rows], row_params)  # [R, V]
+                token_ids[rows] = race_winners(probs, noise)
 
         return SamplerOutput(token_ids, gather_logprobs(logits, token_ids, params))
 
@@ -225,24 +254,52 @@ def mask_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, -torch.inf)
 
 
-def exponential_race(
-    probs: torch.Tensor, generators: Sequence[torch.Generator | None]
+def exponential_noise(
+    generators: Sequence[torch.Generator | None], vocab_size: int, device: torch.device | str
 ) -> torch.Tensor:
-    """probs [N, V] -> token ids [N] int64, row i drawn with generators[i].
+    """The race's draws: [N, V] fp32 Exp(1), row i drawn with generators[i] alone, so a
+    seeded row's draws do not depend on the other rows."""
+    noise = torch.empty(len(generators), vocab_size, dtype=torch.float32, device=device)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    return noise
+
+
+def race_winners(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """probs [N, V], noise [N, V] Exp(1) draws -> token ids [N] int64.
 
     With E_v ~ Exp(1) i.i.d., E_v / p_v ~ Exp(rate p_v), and the smallest of independent
     exponentials is v with probability p_v / sum(p): so argmax_v p_v / E_v samples v ~ p
     without a cumulative sum or a search."""
-    races = torch.empty_like(probs)  # [N, V]
-    for row, generator in enumerate(generators):
-        races[row].exponential_(generator=generator)
     # An exact 0 would turn a masked token's 0 / 0 into NaN, which argmax would pick.
-    races.clamp_min_(torch.finfo(races.dtype).tiny)
+    races = noise.clamp_min(torch.finfo(noise.dtype).tiny)
     return (probs / races).argmax(dim=-1)
 
 
+def kernel_sample(
+    logits: torch.Tensor, noise: torch.Tensor, params: Sequence[SamplingParams]
+) -> torch.Tensor:
+    """The kernel path of the random rows: logits [N, V] (after penalties and min_tokens),
+    noise [N, V] from `exponential_noise` -> token ids [N] int64, equal to
+    race_winners(sampling_probs(logits, params), noise). A step no row asks for is left out
+    of the launch."""
+    device = logits.device
+    vocab = logits.shape[1]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = top_p = min_p = None
+    if any(p.uses_top_k and p.top_k < vocab for p in params):
+        top_k = torch.tensor(
+            [p.top_k if p.uses_top_k else 0 for p in params], dtype=torch.int32, device=device
+        )
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+    return sample_tokens(logits, noise, temperature, top_k, top_p, min_p)
+
+
 def advance_generator(generator: torch.Generator, vocab_size: int, device) -> None:
-    """Consume the draws `exponential_race` makes for one row, without sampling.
+    """Consume the draws `exponential_noise` makes for one row, without sampling.
 
     A seeded request whose first token was sampled on another worker (disaggregated
     prefill) keeps the same random stream as if it had been sampled here.
