@@ -103,8 +103,13 @@ def random_params(logits_row: torch.Tensor, rng: random.Random) -> SamplingParam
     elif choice < 0.7 and len(distinct) > 1:
         j = rng.randrange(len(distinct) - 1)
         low = mass[j - 1].item() if j > 0 else 0.0
-        top_p = (low + mass[j].item()) / 2  # keeps groups 0..j
-        e = e[: j + 1]
+        # Only where fp32 can tell the boundary from its neighbours: at a cumulative mass of
+        # 1 - 1e-15 (a cold temperature's tail) top_p rounds to 1.0 and fp32 cumulative sums
+        # land on either side of it by summation order alone (torch's own CPU and CUDA
+        # paths disagree there; so did this test on an H100).
+        if mass[j].item() - low > 1e-5 and mass[j].item() < 1 - 1e-5:
+            top_p = (low + mass[j].item()) / 2  # keeps groups 0..j
+            e = e[: j + 1]
     min_p = 0.0
     e = e[e > 1e-30]  # min_p stays clear of fp32 subnormals and of underflowed tokens
     if rng.random() < 0.4 and len(e) > 1:
@@ -298,12 +303,6 @@ def test_race_ties_take_the_first_index() -> None:
     assert got.tolist() == [300, 40, 40, 40] == torch_path(rows).tolist()
 
 
-@pytest.mark.xfail(
-    torch.cuda.is_available(),
-    strict=True,
-    reason="on an H100 the kernel kept a token the torch path drops on one of these rows "
-    "(unresolved; the sampler keeps the torch path by default)",
-)
 def test_noise_is_read_only_where_kept() -> None:
     rows = random_rows(6, batch=8, vocab=500, device=DEVICE)
     clean = sample_tokens(rows.logits, rows.noise, **rows.tensors(), tiling=SMALL)

@@ -371,9 +371,9 @@ def test_exponential_race_never_picks_a_masked_token() -> None:
 # ---- kernel path (kernels/sampling.py) against the torch path ------------------------------
 
 
-def test_kernel_is_opt_in() -> None:
+def test_uses_kernel_on_cuda_only_by_default() -> None:
     assert not Sampler().uses_kernel(torch.device("cpu"))
-    assert not Sampler().uses_kernel(torch.device("cuda"))
+    assert Sampler().uses_kernel(torch.device("cuda"))
     assert not Sampler(use_kernel=False).uses_kernel(torch.device("cuda"))
     assert Sampler(use_kernel=True).uses_kernel(torch.device("cpu"))
 

@@ -22,10 +22,11 @@ the batch. Greedy rows draw nothing, so switching a request to greedy never shif
 Two implementations of the random rows, equal token for token given the same draws
 (kernels/sampling.py states the fp32-rounding caveat):
 
-- Sampler(use_kernel=True): one Triton kernel (kernels/sampling.sample_tokens) finds each
+- CUDA logits (default there): one Triton kernel (kernels/sampling.sample_tokens) finds each
   row's top-k, top-p and min-p thresholds by a search over the values instead of a sort and
-  runs the race, reading the noise drawn here (opt-in for now: see Sampler);
-- the torch path below (the default): the reference, with separate mask functions.
+  runs the race, reading the noise drawn here;
+- the torch path below (CPU logits, or Sampler(use_kernel=False)): the reference, with
+  separate mask functions.
 
 The kernel covers every SamplingParams combination; `use_kernel` is the one switch between
 the two, so nothing falls back silently.
@@ -82,10 +83,9 @@ def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
 class Sampler:
     """Picks one token per row. Holds the generator shared by requests without a seed
     (None: torch's default generator of the device) and the choice of implementation for
-    the random rows: use_kernel True takes the Triton kernel (CPU logits then need
-    TRITON_INTERPRET=1); False or None the torch path. The kernel is opt-in until one GPU
-    test disagreement is understood (tests/test_kernel_sampling.py,
-    test_noise_is_read_only_where_kept on CUDA)."""
+    the random rows: use_kernel None picks the Triton kernel for CUDA logits and the torch
+    path otherwise; True forces the kernel (CPU logits then need TRITON_INTERPRET=1), False
+    the torch path."""
 
     def __init__(
         self, generator: torch.Generator | None = None, use_kernel: bool | None = None
@@ -95,7 +95,7 @@ class Sampler:
 
     def uses_kernel(self, device: torch.device) -> bool:
         """Whether random rows of logits on `device` go through the Triton kernel."""
-        return bool(self.use_kernel)
+        return self.use_kernel if self.use_kernel is not None else device.type == "cuda"
 
     def sample(
         self,
