@@ -405,7 +405,7 @@ def _count_kernel(experts_ptr, counts_ptr, ranks_ptr, num_pairs, num_experts,
 @triton.jit
 def _scatter_kernel(experts_ptr, counts_ptr, ranks_ptr, pair_ids_ptr, block_expert_ptr,
                     offsets_ptr, num_pairs, num_experts, num_chunks, num_blocks,
-                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     """Sorted, padded slot of every pair of this chunk; program 0 also writes the padding
     sentinels, the block -> expert table and the unpadded expert offsets.
 
@@ -420,7 +420,7 @@ def _scatter_kernel(experts_ptr, counts_ptr, ranks_ptr, pair_ids_ptr, block_expe
         counts = tl.load(counts_ptr + c * num_experts + experts, mask=e_valid, other=0)
         total += counts
         before += tl.where(c < chunk, counts, 0)
-    padded = (total + BLOCK_T - 1) // BLOCK_T * BLOCK_T
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_start = tl.cumsum(padded, axis=0) - padded                           # [BE]
 
     pairs = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -434,18 +434,18 @@ def _scatter_kernel(experts_ptr, counts_ptr, ranks_ptr, pair_ids_ptr, block_expe
     if chunk == 0:
         # Padding slots of each expert: [start + count, start + padded), disjoint from the
         # slots written above, so no ordering between programs is needed.
-        offs = tl.arange(0, BLOCK_T)
+        offs = tl.arange(0, BLOCK_M)
         pad = padded_start[:, None] + total[:, None] + offs[None, :]            # [BE, BT]
         pad_mask = e_valid[:, None] & (total[:, None] + offs[None, :] < padded[:, None])
         tl.store(pair_ids_ptr + pad, num_pairs, mask=pad_mask)
-        used_blocks = tl.sum(padded, axis=0) // BLOCK_T
-        block_end = (padded_start + padded) // BLOCK_T                         # [BE]
+        used_blocks = tl.sum(padded, axis=0) // BLOCK_M
+        block_end = (padded_start + padded) // BLOCK_M                         # [BE]
         for b0 in range(0, num_blocks, BLOCK_P):
             blocks = b0 + tl.arange(0, BLOCK_P)
             owner = tl.sum((blocks[:, None] >= block_end[None, :]).to(tl.int32), axis=1)
             owner = tl.where(blocks < used_blocks, owner, -1)
             tl.store(block_expert_ptr + blocks, owner, mask=blocks < num_blocks)
-            slots = blocks[:, None] * BLOCK_T + offs[None, :]                  # [BP, BT]
+            slots = blocks[:, None] * BLOCK_M + offs[None, :]                  # [BP, BT]
             unused = (blocks >= used_blocks) & (blocks < num_blocks)
             tl.store(pair_ids_ptr + slots, num_pairs, mask=unused[:, None])
         tl.store(offsets_ptr + 1 + experts, tl.cumsum(total, axis=0), mask=e_valid)

@@ -203,7 +203,7 @@ def group_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Ex
                                  BLOCK_P=_GROUP_CHUNK, BLOCK_E=block_e)
     _scatter_kernel[(num_chunks,)](flat, counts, ranks, pair_ids, block_expert, offsets,
                                    num_pairs, num_experts, num_chunks, num_blocks,
-                                   BLOCK_P=_GROUP_CHUNK, BLOCK_E=block_e, BLOCK_T=block_m)
+                                   BLOCK_P=_GROUP_CHUNK, BLOCK_E=block_e, BLOCK_M=block_m)
     return ExpertGroups(pair_ids, block_expert, offsets, num_pairs, block_m)
 
 
