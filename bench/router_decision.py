@@ -11,12 +11,19 @@ ClusterBackend.place): load view from the records and in-flight counts, the prom
 chained block hashes, the lookup in the index (sliding-window rule included), both
 pools' prefix-aware policies, the disaggregation decision and its accounting. Prompts
 are a mix of continuations of cached conversations (long matches), prompts sharing only
-a hot system prompt, and cold ones.
+a hot system prompt, and cold ones, all first sightings: the ingress's hash cache
+(router/hash_cache.py) is emptied before each, so every block up to the longest cached
+prefix + 1 is hashed, as for a conversation this ingress never placed. A fourth kind,
+"own_turn", is the next turn of a conversation this ingress placed: its previous turn
+(a cached conversation + 20..400 tokens) is placed first, untimed, through a second
+IngressPlacement whose hash cache is kept, and stored on the decode replica placement
+chose (its blocks leave the index after the timed call, so the index stays at its size);
+then the turn (+ 20..400 tokens) is timed.
 Prints p50 / p90 / p99 / max per prompt kind and overall, for place() and for place()
 less the time its prompt hashing takes (workers.kv.block_hash, about 1 us a block in
-Python; it grows with the cached prefix, the rest does not), and the machine's load
-average before and after (other jobs on a shared machine show in p99). No Redis, no
-Ray: the stream reader is never asked to read.
+Python, for the blocks the hash cache did not hold; it grows with the cached prefix, the
+rest does not), and the machine's load average before and after (other jobs on a shared
+machine show in p99). No Redis, no Ray: the stream reader is never asked to read.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ def _workers(n: int, rng: random.Random) -> list[WorkerInfo]:
 
 def _stored(worker: str, group: str, block_hash: bytes, block_size: int) -> KVEventEntry:
     return KVEventEntry(worker, "", KVEvent.stored(group, block_hash, None, block_size))
+
+
+def _removed(worker: str, group: str, block_hash: bytes) -> KVEventEntry:
+    return KVEventEntry(worker, "", KVEvent.removed(group, block_hash))
 
 
 def _fill(
@@ -127,12 +138,18 @@ def main() -> None:
     )
     # The reader is never asked to read: apply() feeds the index directly.
     feeder = PrefixIndexFeeder(KVEventReader("redis://127.0.0.1:1", cluster="bench"))
-    placement = IngressPlacement(
-        decode_policy=PrefixAware(PrefixAwareConfig(kv_weight=0.05)),
-        prefill_policy=PrefixAware(),
-        config=config,
-        index=feeder,
-    )
+
+    def ingress() -> IngressPlacement:
+        return IngressPlacement(
+            decode_policy=PrefixAware(PrefixAwareConfig(kv_weight=0.05)),
+            prefill_policy=PrefixAware(),
+            config=config,
+            index=feeder,
+        )
+
+    # `placement` places first sightings (its hash cache emptied before each), `own` the
+    # turns of conversations it placed before (its hash cache kept).
+    placement, own = ingress(), ingress()
     started = time.perf_counter()
     system, conversations = _fill(
         feeder, workers, args.blocks, args.block_size, config.sliding_blocks, rng
@@ -141,37 +158,71 @@ def main() -> None:
     index = feeder.index
     ids = [w.replica_id for w in workers]
 
+    def tail() -> list[int]:
+        return [rng.randrange(200_000) for _ in range(rng.randint(20, 400))]
+
     def prompt(kind: str) -> list[int]:
-        tail = [rng.randrange(200_000) for _ in range(rng.randint(20, 400))]
         if kind == "continuation":
-            return rng.choice(conversations) + tail
+            return rng.choice(conversations) + tail()
         if kind == "system_prompt":
-            return system + tail * 4
+            return system + tail() * 4
         return [rng.randrange(200_000) for _ in range(rng.randint(500, 4000))]
 
-    kinds = ("continuation", "system_prompt", "cold")
+    def previous_turn() -> tuple[list[int], str, list[tuple[str, bytes]]]:
+        """Place a conversation's previous turn through `own` (untimed) and store it on
+        the decode replica it chose, as that replica would after computing it. Returns
+        the turn, the replica, and the (group, hash) it did not hold before (to undo)."""
+        turn = rng.choice(conversations) + tail()
+        chosen = own.place(turn, workers).decode
+        assert chosen is not None
+        hashes = prompt_block_hashes(turn + [0], args.block_size)
+        new = [(FULL, h) for h in hashes] + [(SLIDING, h) for h in hashes[-config.sliding_blocks :]]
+        new = [(g, h) for g, h in new if not index.holds(chosen, g, h)]
+        feeder.apply(_stored(chosen, g, h, args.block_size) for g, h in new)
+        return turn, chosen, new
+
+    kinds = ("continuation", "system_prompt", "cold", "own_turn")
+
+    def decide(kind: str) -> tuple[list[int], float, int]:
+        """One timed place(): the prompt, its seconds, and blocks the hash cache held."""
+        if kind == "own_turn":
+            turn, chosen, undo = previous_turn()
+            p = turn + tail()
+            cache = own.hash_cache
+            reused = cache.reused_blocks
+            t0 = time.perf_counter()
+            own.place(p, workers)
+            t1 = time.perf_counter()
+            feeder.apply(_removed(chosen, g, h) for g, h in undo)
+            return p, t1 - t0, cache.reused_blocks - reused
+        p = prompt(kind)
+        placement.hash_cache.clear()
+        t0 = time.perf_counter()
+        placement.place(p, workers)
+        t1 = time.perf_counter()
+        return p, t1 - t0, 0
+
     # Warm-up, then interleaved kinds so each sees the same machine noise.
     for _ in range(200):
-        placement.place(prompt(rng.choice(kinds)), workers)
+        decide(rng.choice(kinds))
     place_s: dict[str, list[float]] = {k: [] for k in kinds}
     # The same decisions without the prompt hashing place() did (the chained hashes of
-    # the blocks up to the longest cached prefix, and one more to see it end).
+    # the blocks up to the longest cached prefix, and one more to see it end, less those
+    # the hash cache held).
     unhashed_s: dict[str, list[float]] = {k: [] for k in kinds}
     lengths: list[int] = []
     for i in range(args.decisions):
         kind = kinds[i % len(kinds)]
-        p = prompt(kind)
+        p, took, reused = decide(kind)
         lengths.append(len(p))
-        t0 = time.perf_counter()
-        placement.place(p, workers)
-        t1 = time.perf_counter()
         hashes = prompt_block_hashes(p, args.block_size)
         longest = max(index.matched_blocks(hashes, ids).values())
+        hashed = max(0, min(len(hashes), longest + 1) - reused)
         t2 = time.perf_counter()
-        hash_prompt_blocks(p[: min(len(hashes), longest + 1) * args.block_size], args.block_size)
+        hash_prompt_blocks(p[: hashed * args.block_size], args.block_size)
         t3 = time.perf_counter()
-        place_s[kind].append(t1 - t0)
-        unhashed_s[kind].append(max(0.0, (t1 - t0) - (t3 - t2)))
+        place_s[kind].append(took)
+        unhashed_s[kind].append(max(0.0, took - (t3 - t2)))
 
     load = " / ".join(f"{x:.2f}" for x in load_before + os.getloadavg())
     print(
@@ -184,9 +235,17 @@ def main() -> None:
         f"filled in {fill_s:.1f} s ({index.num_blocks() / fill_s:,.0f} events/s applied)"
     )
     print(f"prompts: {min(lengths)}..{max(lengths)} tokens, mean {statistics.mean(lengths):.0f}")
+    cache = own.hash_cache
+    print(
+        f"own_turn hash cache: {cache.num_prompts} prompts, {cache.num_blocks} blocks, "
+        f"{cache.num_bytes / 2**20:.1f} MiB; {cache.reused_blocks / max(1, cache.lookups):.0f} "
+        "blocks reused a lookup"
+    )
     for name, samples in (("place()", place_s), ("unhashed", unhashed_s)):
         for kind in kinds:
             print(f"{name:9s} {kind:13s} {_percentiles(samples[kind])}")
+        first = [x for k in kinds[:3] for x in samples[k]]
+        print(f"{name:9s} {'first 3 kinds':13s} {_percentiles(first)}")
         print(f"{name:9s} {'all':13s} {_percentiles([x for v in samples.values() for x in v])}")
 
 

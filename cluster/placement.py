@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from cluster.index_feeder import PrefixIndexFeeder
 from cluster.metrics import RouterMetrics
+from router.hash_cache import HashCacheConfig, PromptHashCache
 from router.load import InFlight, LoadView, ReplicaMemo, WorkerRecord
 from router.policies import DisaggRule, Placement, PlacementPolicy, place
 from router.prefix_index import sliding_blocks
@@ -40,6 +41,9 @@ class PlacementConfig:
     sliding_window: int | None = None
     # The model's sliding window (None: no sliding layers); a cached prefix is only
     # usable with the window before it, as in the engine's own lookup.
+    hash_cache: HashCacheConfig | None = HashCacheConfig()
+    # Recent prompts' block-hash chains, so a chat's next turn hashes only its new blocks
+    # (router/hash_cache.py; the same placements either way). None: hash every prompt.
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -97,6 +101,11 @@ class IngressPlacement:
         self.prefill_policy = prefill_policy
         self.config = config
         self.index = index
+        self.hash_cache = (
+            PromptHashCache(config.block_size, config.hash_cache)
+            if index is not None and config.hash_cache is not None
+            else None
+        )
         self._metrics = metrics
         self.in_flight = InFlight()
         self._load_memo: ReplicaMemo = {}
@@ -128,6 +137,7 @@ class IngressPlacement:
             view.replica_ids(),
             self.config.block_size,
             self.config.sliding_blocks,
+            self.hash_cache,
         )
 
     def place(
@@ -211,6 +221,17 @@ class IngressPlacement:
                 "blocks": {w: index.num_blocks(w) for w in sorted(index.workers)},
                 "applied": self.index.applied,
                 "resets": self.index.resets,
+            }
+        if self.hash_cache is not None:
+            cache = self.hash_cache
+            state["hash_cache"] = {
+                "prompts": cache.num_prompts,
+                "blocks": cache.num_blocks,
+                "bytes": cache.num_bytes,
+                "lookups": cache.lookups,
+                "hits": cache.hits,
+                "reused_blocks": cache.reused_blocks,
+                "evicted_prompts": cache.evicted_prompts,
             }
         return state
 

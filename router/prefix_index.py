@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from functools import reduce
 from operator import or_
 
+from router.hash_cache import PromptHashCache
 from workers.kv.block_hash import BlockHash, iter_block_hashes
 
 FULL = "full"
@@ -171,13 +172,24 @@ class PrefixIndex:
         workers: Iterable[str],
         block_size: int,
         sliding_blocks: int = 0,
+        hash_cache: PromptHashCache | None = None,
     ) -> dict[str, int]:
         """Prompt tokens each worker would find in its prefix cache (whole blocks). The
-        prompt's blocks are hashed lazily: none past the longest cached prefix + 1."""
-        hashes = iter_block_hashes(
-            token_ids, block_size, num_blocks=usable_blocks(len(token_ids), block_size)
-        )
-        matched = self.matched_blocks(hashes, workers, sliding_blocks)
+        prompt's blocks are hashed lazily: none past the longest cached prefix + 1.
+        hash_cache: recent prompts' chains (an ingress's); the prompt's blocks it holds
+        are not hashed again, and the ones hashed here are kept there."""
+        num_blocks = usable_blocks(len(token_ids), block_size)
+        if hash_cache is None:
+            hashes = iter_block_hashes(token_ids, block_size, num_blocks=num_blocks)
+            matched = self.matched_blocks(hashes, workers, sliding_blocks)
+        else:
+            if hash_cache.block_size != block_size:
+                raise ValueError(
+                    f"hash_cache is for block_size {hash_cache.block_size}, not {block_size}"
+                )
+            chain = hash_cache.chain(token_ids, num_blocks)
+            matched = self.matched_blocks(chain, workers, sliding_blocks)
+            hash_cache.remember(chain)
         return {w: n * block_size for w, n in matched.items()}
 
     def matched_blocks(

@@ -125,3 +125,43 @@ def test_iter_block_hashes_is_lazy_and_checks_tokens():
         hash_prompt_blocks([2**32] * 8, 8)
     with pytest.raises(ValueError, match="block_size"):
         next(iter_block_hashes([1, 2], 0))
+
+
+def test_iter_block_hashes_continues_a_chain_from_its_parent():
+    """Resuming at block k from block k-1's hash gives the whole chain's hashes from k on
+    (hash_block chained by hand), across chunk boundaries and with a salt; the pinned
+    chain's last two blocks come back from its first hash alone."""
+    tokens = [(i * 104729) % 2**32 for i in range(5 * 70 + 3)]
+    for block_size in (1, 5):
+        chain, parent = [], None
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            parent = hash_block(parent, tokens[start : start + block_size], b"s")
+            chain.append(parent)
+        for k in (1, 2, 31, 32, 33, 69, len(chain) - 1):
+            resumed = iter_block_hashes(
+                tokens, block_size, b"s", parent=chain[k - 1], start_block=k
+            )
+            assert list(resumed) == chain[k:]
+            cut = iter_block_hashes(
+                tokens, block_size, b"s", num_blocks=k + 3, parent=chain[k - 1], start_block=k
+            )
+            assert list(cut) == chain[k : k + 3]
+        # At or past the end there is nothing left to hash.
+        end = iter_block_hashes(tokens, block_size, b"s", parent=chain[-1], start_block=len(chain))
+        assert list(end) == []
+    first = bytes.fromhex("094c7c8bbeee9afd1326fbc911de5f07")
+    assert b"".join(iter_block_hashes(list(range(24)), 8, parent=first, start_block=1)).hex() == (
+        "61d2b516b998fb0201746cfaf7a6548694d9a87194535d3761b9fb93eee54d46"
+    )
+
+
+def test_iter_block_hashes_continuation_arguments_are_checked():
+    h = hash_block(None, [1])
+    for kwargs, match in (
+        ({"start_block": 1}, "parent"),
+        ({"parent": h}, "parent"),
+        ({"parent": h[:8], "start_block": 1}, "16-byte"),
+        ({"parent": h, "start_block": -1}, "start_block"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            next(iter_block_hashes([1] * 16, 8, **kwargs))

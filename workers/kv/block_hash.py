@@ -16,7 +16,9 @@ router imports it.
 
 The router hashes every prompt it places on the request path, so the chain is computed
 from one encoding of many blocks at once (`iter_block_hashes`), about 2.5x faster than
-block by block, and lazily, so a lookup stops hashing where the cached prefix ends.
+block by block, and lazily, so a lookup stops hashing where the cached prefix ends. It
+can also resume a chain from a known block's hash (`parent`, `start_block`), so a prompt
+extending one hashed before (an ingress's next chat turn) hashes only its new blocks.
 """
 
 import hashlib
@@ -75,7 +77,8 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes 
     # One update of the whole encoding on a copy of the pre-fed domain state: the same
     # bytes as feeding each field in turn, at a fraction of the per-call overhead.
     h = _DOMAIN_STATE.copy()
-    h.update(b"".join((head, _U32(len(extra)), extra, _U32(len(token_ids)), _encode(token_ids))))
+    tokens = _encode(token_ids)
+    h.update(b"".join((head, _U32(len(extra)), extra, _U32(len(token_ids)), tokens)))
     return h.digest()
 
 
@@ -84,20 +87,37 @@ def iter_block_hashes(
     block_size: int,
     extra: bytes = b"",
     num_blocks: int | None = None,
+    *,
+    parent: BlockHash | None = None,
+    start_block: int = 0,
 ) -> Iterator[BlockHash]:
     """The chained hashes of the first `num_blocks` full blocks of `token_ids` (default:
-    every full block), each equal to hash_block's, computed only as they are asked for."""
+    every full block), each equal to hash_block's, computed only as they are asked for.
+
+    parent, start_block: continue a chain already hashed up to block start_block - 1,
+    whose hash is `parent`: yields the hashes of blocks start_block .. num_blocks - 1
+    only, the very values the whole chain has there. Both or neither: a block after
+    the first always has a parent.
+    """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if start_block < 0:
+        raise ValueError(f"start_block must be >= 0, got {start_block}")
+    if (parent is None) != (start_block == 0):
+        raise ValueError(
+            f"parent must be given exactly when start_block > 0 (start_block {start_block})"
+        )
+    if parent is not None and len(parent) != BLOCK_HASH_BYTES:
+        raise ValueError(f"parent must be a {BLOCK_HASH_BYTES}-byte block hash, got {parent!r}")
     full = len(token_ids) // block_size
     if num_blocks is None or num_blocks > full:
         num_blocks = full
     copy = _DOMAIN_STATE.copy
     # Between the parent and the tokens every block has the same bytes.
     middle = _U32(len(extra)) + extra + _U32(block_size)
-    head = _NO_PARENT + middle
+    head = (_NO_PARENT if parent is None else _HAS_PARENT + parent) + middle
     step = 4 * block_size
-    for first in range(0, num_blocks, _CHUNK_BLOCKS):
+    for first in range(start_block, num_blocks, _CHUNK_BLOCKS):
         last = min(num_blocks, first + _CHUNK_BLOCKS)
         data = _encode(token_ids[first * block_size : last * block_size])
         for start in range(0, len(data), step):
