@@ -18,6 +18,7 @@ from test_kernel_moe import make_weights, poisoned_rows
 from kernels.moe import MoEGemvTiling, moe_mxfp4, moe_mxfp4_reference
 from workers.engine import EngineConfig, LLMEngine
 from workers.model.attention import TorchPagedAttention
+from workers.model.layers import TorchNorm, TorchRotary
 from workers.model.moe import TorchMoE
 from workers.model.triton_backends import (
     TritonMoE,
@@ -107,6 +108,19 @@ def test_backend_choice():
         make_backends("cuda", "cpu")
     with pytest.raises(ValueError, match="EngineConfig.kernels"):
         EngineConfig(kernels="fast")
+
+
+def test_model_routes_norms_and_rotary_through_the_kernels(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, dtype=torch.float32, device=DEVICE,
+                          attention=TritonPagedAttention(), moe=TritonMoE())
+    norms = [model.norm] + [n for layer in model.layers
+                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    assert all(n.backend is model.attention for n in norms)
+    assert all(layer.self_attn.rotary is model.attention for layer in model.layers)
+    model.set_backends(TorchPagedAttention(), TorchMoE())
+    assert all(type(n.backend) is TorchNorm for n in norms)
+    assert all(type(layer.self_attn.rotary) is TorchRotary for layer in model.layers)
+    assert all(type(layer.mlp.backend) is TorchMoE for layer in model.layers)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

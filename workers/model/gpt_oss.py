@@ -63,10 +63,10 @@ class GptOssModel(nn.Module):
             DecoderLayer(config, i, self.attention, self.moe, dtype, device)
             for i in range(config.num_hidden_layers)
         )
-        norm = self.attention if isinstance(self.attention, NormBackend) else None
-        self.norm = RMSNorm(d, config.rms_norm_eps, dtype, device, norm)
+        self.norm = RMSNorm(d, config.rms_norm_eps, dtype, device)
         self.lm_head = Linear(d, config.vocab_size, False, dtype, device)
         self.rotary = RotaryEmbedding(config, device)
+        self.set_backends(self.attention, self.moe)
 
     def set_backends(self, attention: AttentionBackend, moe: MoEBackend) -> None:
         """Swap the kernels of every layer: attention, and the rotary and norms when the

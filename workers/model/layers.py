@@ -60,7 +60,8 @@ class NormBackend(ABC):
     h is the residual stream the next block adds to.
 
     An attention backend may also be a NormBackend (TritonPagedAttention is), so the norms
-    follow the kernel choice of make_backends; the model uses `TorchNorm` otherwise.
+    follow the kernel choice of make_backends; GptOssModel.set_backends uses `TorchNorm`
+    otherwise.
     """
 
     @abstractmethod
@@ -329,10 +330,10 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
-        norm = attention if isinstance(attention, NormBackend) else TorchNorm()
-        self.input_layernorm = RMSNorm(d, eps, dtype, device, norm)
+        # The norms' backend is the model's choice (GptOssModel.set_backends).
+        self.input_layernorm = RMSNorm(d, eps, dtype, device)
         self.self_attn = SelfAttention(config, layer, attention, dtype, device)
-        self.post_attention_layernorm = RMSNorm(d, eps, dtype, device, norm)
+        self.post_attention_layernorm = RMSNorm(d, eps, dtype, device)
         self.mlp = MoEBlock(config, moe, dtype, device)
 
     def forward(
