@@ -333,26 +333,27 @@ def _down_gemv_kernel(
 
 
 @triton.jit
-def _route_kernel(
-    x_ptr, w_ptr, b_ptr, route_weight_ptr, experts_ptr, num_tokens, d_model, num_experts,
-    stride_x, stride_w,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    SLOTS: tl.constexpr, FP32_DOT: tl.constexpr,
+def _router_partial_kernel(
+    x_ptr, w_ptr, partial_ptr, num_tokens, d_model, num_experts, split_len, stride_x,
+    stride_w,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
-    """Top-k experts of BLOCK_T tokens and the softmax of their logits, all in fp32.
+    """partial[split, t, e] = x[t, K-range of split] . W[e, same range] for BLOCK_T tokens.
 
-    Slot 0 holds the largest logit; ties go to the lower expert index. SLOTS = TOP_K
-    rounded up to a power of two (tensor shapes must be). The logits are fp32 sums of
-    exact products either way: bf16 x bf16 products fit an fp32 mantissa, so bf16 inputs
-    use the tensor cores with fp32 accumulation; FP32_DOT (fp32 inputs, or mixed dtypes)
-    uses exact fp32 dots.
+    The router GEMM split along K over a second grid axis, so a decode step's handful of
+    tokens still spreads over many programs (one program walking all of K alone took
+    ~9-12 us). The sums are fp32 sums of exact products either way: bf16 x bf16 products
+    fit an fp32 mantissa, so bf16 inputs use the tensor cores with fp32 accumulation;
+    FP32_DOT (fp32 inputs, or mixed dtypes) uses exact fp32 dots.
     """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_valid = tokens < num_tokens
     experts = tl.arange(0, BLOCK_E)
     e_valid = experts < num_experts
-    logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, d_model, BLOCK_K):
+    split = tl.program_id(1)
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k0 in range(split * split_len, (split + 1) * split_len, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs < d_model
         x = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_x + offs[None, :],
@@ -360,10 +361,34 @@ def _route_kernel(
         w = tl.load(w_ptr + experts[:, None] * stride_w + offs[None, :],
                     mask=e_valid[:, None] & k_valid[None, :], other=0.0)      # [BE, BK]
         if FP32_DOT:
-            logits = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), logits,
-                            input_precision="ieee")
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                         input_precision="ieee")
         else:
-            logits = tl.dot(x, tl.trans(w), logits)                             # [BT, BE]
+            acc = tl.dot(x, tl.trans(w), acc)                                   # [BT, BE]
+    out = (split * num_tokens + tokens.to(tl.int64))[:, None] * BLOCK_E + experts[None, :]
+    tl.store(partial_ptr + out, acc, mask=t_valid[:, None])
+
+
+@triton.jit
+def _route_kernel(
+    partial_ptr, b_ptr, route_weight_ptr, experts_ptr, num_tokens, num_experts, num_splits,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, SLOTS: tl.constexpr,
+):
+    """Top-k experts of BLOCK_T tokens and the softmax of their logits, all in fp32.
+
+    The logits are the router GEMM's split partial sums added in split order (the same
+    order whatever the batch) plus the bias. Slot 0 holds the largest logit; ties go to
+    the lower expert index. SLOTS = TOP_K rounded up to a power of two (tensor shapes
+    must be).
+    """
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_valid = tokens < num_tokens
+    experts = tl.arange(0, BLOCK_E)
+    e_valid = experts < num_experts
+    logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for split in range(0, num_splits):
+        at = (split * num_tokens + tokens.to(tl.int64))[:, None] * BLOCK_E + experts[None, :]
+        logits += tl.load(partial_ptr + at, mask=t_valid[:, None], other=0.0)
     logits += tl.load(b_ptr + experts, mask=e_valid, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(e_valid[None, :], logits, float("-inf"))
 

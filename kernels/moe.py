@@ -39,6 +39,7 @@ from kernels._moe_triton import (
     _gate_up_swiglu_gemv_kernel,
     _gate_up_swiglu_kernel,
     _route_kernel,
+    _router_partial_kernel,
     _scatter_kernel,
 )
 from kernels.mxfp4 import dequantize_mxfp4
@@ -155,13 +156,17 @@ class ExpertGroups:
     block_m: int
 
 
+ROUTER_SPLITS = 8
+"""K splits of the router GEMM: spreads a decode step's few tokens over more programs."""
+
 def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
           top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts of each token and their weights (softmax over the selected logits).
 
     x [T, d], router_weight [E, d], router_bias [E] -> (weights [T, k] fp32,
     experts [T, k] int32, in descending logit order; ties to the lower expert). Logits are
-    fp32 sums of exact products. One launch.
+    fp32 sums of exact products. Two launches: the router GEMM split along K, then the
+    top-k and softmax.
     """
     num_tokens, d_model = x.shape
     num_experts = router_weight.shape[0]
@@ -169,13 +174,21 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     experts = torch.empty((num_tokens, top_k), dtype=torch.int32, device=x.device)
     if num_tokens == 0:
         return weights, experts
-    block_t = 16
-    _route_kernel[(triton.cdiv(num_tokens, block_t),)](
-        x, router_weight, router_bias, weights, experts, num_tokens, d_model, num_experts,
-        x.stride(0), router_weight.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
-        BLOCK_K=128, SLOTS=triton.next_power_of_2(top_k),
+    block_t, block_k = 16, 128
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    num_splits = min(ROUTER_SPLITS, triton.cdiv(d_model, block_k))
+    split_len = triton.cdiv(triton.cdiv(d_model, num_splits), block_k) * block_k
+    partial = torch.empty((num_splits, num_tokens, block_e), dtype=torch.float32,
+                          device=x.device)
+    token_blocks = triton.cdiv(num_tokens, block_t)
+    _router_partial_kernel[(token_blocks, num_splits)](
+        x, router_weight, partial, num_tokens, d_model, num_experts, split_len, x.stride(0),
+        router_weight.stride(0), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
         FP32_DOT=x.dtype == torch.float32 or router_weight.dtype != x.dtype,
+    )
+    _route_kernel[(token_blocks,)](
+        partial, router_bias, weights, experts, num_tokens, num_experts, num_splits,
+        TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, SLOTS=triton.next_power_of_2(top_k),
     )
     return weights, experts
 
