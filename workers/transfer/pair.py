@@ -39,6 +39,7 @@ peer shows at once as a closed connection.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -46,7 +47,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from workers.transfer.layout import KVLayout
+from workers.transfer.layout import KVLayout, KVLayoutMismatch
 from workers.transfer.protocol import TransferFailed, format_address, parse_address
 
 SENDER_RANK = 0
@@ -217,6 +218,38 @@ def _exchange_layouts(store: dist.Store, rank: int, layout: KVLayout, deadline: 
     except (RuntimeError, dist.DistStoreError, TimeoutError) as e:
         raise TransferFailed(f"peer did not join pair setup before the deadline: {e}") from e
     layout.check_compatible(KVLayout.from_json(peer_json))
+
+
+class PumpedPair:
+    """What one generation of a sender's or a receiver's pair shares: a condition guarding
+    its state, the reason it broke (None while healthy), its process group and the pump
+    thread. Subclasses set those in __init__ and list their unfinished transfers (objects
+    with `settle(error=...)`) in `_open_transfers`, called with the condition held."""
+
+    cond: threading.Condition
+    broken: str | None
+    group: PairGroup | None
+    thread: threading.Thread
+
+    def _open_transfers(self) -> list:
+        raise NotImplementedError
+
+    def stopped(self) -> str | None:
+        return self.broken
+
+    def tear_down(self, reason: str, mismatch: bool = False) -> None:
+        """Fail every open transfer of this generation and abort the group; idempotent."""
+        with self.cond:
+            if self.broken is not None:
+                return
+            self.broken = reason
+            pending = self._open_transfers()
+            group = self.group
+            self.cond.notify_all()
+        for transfer in pending:
+            transfer.settle(error=KVLayoutMismatch(reason) if mismatch else TransferFailed(reason))
+        if group is not None:
+            group.abort()
 
 
 def tear_down_and_join(pairs: Sequence, reason: str, join_timeout_s: float) -> None:

@@ -32,7 +32,13 @@ import torch
 
 from workers.transfer.layout import KVLayout, KVLayoutMismatch
 from workers.transfer.pack import packed_nbytes, unpack_layer
-from workers.transfer.pair import RECEIVER_RANK, PairGroup, host_store, tear_down_and_join
+from workers.transfer.pair import (
+    RECEIVER_RANK,
+    PairGroup,
+    PumpedPair,
+    host_store,
+    tear_down_and_join,
+)
 from workers.transfer.protocol import (
     FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -78,7 +84,7 @@ class _Incoming:
                 torch.cuda.current_stream(self.last_write.device).wait_event(self.last_write)
 
 
-class _ReceiverPair:
+class _ReceiverPair(PumpedPair):
     """One generation of the pair with one sender, with the thread that receives on it."""
 
     def __init__(self, owner: KVReceiver, sender_id: str, generation: int) -> None:
@@ -110,23 +116,8 @@ class _ReceiverPair:
             self.thread.start()
         return incoming
 
-    def stopped(self) -> str | None:
-        return self.broken
-
-    def tear_down(self, reason: str, mismatch: bool = False) -> None:
-        """Fail every open transfer of this generation and abort the group; idempotent."""
-        with self.cond:
-            if self.broken is not None:
-                return
-            self.broken = reason
-            pending = list(self.incoming.values())
-            group = self.group
-            self.cond.notify_all()
-        for incoming in pending:
-            error = KVLayoutMismatch(reason) if mismatch else TransferFailed(reason)
-            incoming.settle(error=error)
-        if group is not None:
-            group.abort()
+    def _open_transfers(self) -> list:
+        return list(self.incoming.values())
 
     def _run(self) -> None:
         device = self.owner.device

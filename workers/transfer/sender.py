@@ -35,7 +35,13 @@ import torch
 
 from workers.transfer.layout import KVLayout, KVLayoutMismatch
 from workers.transfer.pack import pack_layer, packed_nbytes
-from workers.transfer.pair import SENDER_RANK, PairGroup, connect_store, tear_down_and_join
+from workers.transfer.pair import (
+    SENDER_RANK,
+    PairGroup,
+    PumpedPair,
+    connect_store,
+    tear_down_and_join,
+)
 from workers.transfer.protocol import (
     TAG_FIRST_LAYER,
     TAG_FOOTER,
@@ -74,7 +80,7 @@ class _Outgoing:
                 self.done.set()
 
 
-class _SenderPair:
+class _SenderPair(PumpedPair):
     """One generation of the pair with one receiver, with the thread that sends on it."""
 
     def __init__(self, owner: KVSender, ticket: TransferTicket, setup_deadline: float) -> None:
@@ -112,22 +118,8 @@ class _SenderPair:
             outgoing.ops.append(op)
             self.cond.notify_all()
 
-    def stopped(self) -> str | None:
-        return self.broken
-
-    def tear_down(self, reason: str, mismatch: bool = False) -> None:
-        """Fail every open transfer of this generation and abort the group; idempotent."""
-        with self.cond:
-            if self.broken is not None:
-                return
-            self.broken = reason
-            pending = list(self.outgoing.values())
-            group = self.group
-            self.cond.notify_all()
-        for outgoing in pending:
-            outgoing.settle(KVLayoutMismatch(reason) if mismatch else TransferFailed(reason))
-        if group is not None:
-            group.abort()
+    def _open_transfers(self) -> list:
+        return list(self.outgoing.values())
 
     def _run(self) -> None:
         owner = self.owner
