@@ -61,10 +61,14 @@ class MoETiling:
     # warps per program
     num_stages: int = 3
     # software-pipelining depth of the K loop
+    down_block_n: int | None = None
+    # output columns per program of the second GEMM; None: block_n
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_m", "block_n", "block_k", "down_block_n"):
             value = getattr(self, name)
+            if name == "down_block_n" and value is None:
+                continue
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
         if self.block_k < 32:
@@ -78,7 +82,10 @@ class MoETiling:
     def for_batch(num_tokens: int, top_k: int, num_experts: int) -> "MoETiling":
         """Rows per program close to the mean rows per expert: little padding when small.
 
-        From a sweep at gpt-oss-20b shapes on an H100 (bench/gpu_kernels.py --sweep).
+        From sweeps at gpt-oss-20b shapes on an H100 (bench/gpu_kernels.py --sweep, whole
+        MoE in CUDA-graph replays): 32-row blocks at T=256 (500 against 530 us with 64), and
+        at 128-row blocks a second GEMM twice as wide (T=2048 1584 against 1654 us, T=8192
+        5952 against 6323).
         """
         pairs = num_tokens * top_k
         rows_per_expert = -(-pairs // num_experts)
@@ -86,7 +93,10 @@ class MoETiling:
             return MoETiling(block_m=16, block_n=32, block_k=256)
         if rows_per_expert <= 16:
             return MoETiling(block_m=16, block_n=64, block_k=128)
-        return MoETiling(block_m=64 if rows_per_expert <= 128 else 128, block_n=64, block_k=64)
+        if rows_per_expert <= 128:
+            return MoETiling(block_m=32 if rows_per_expert <= 32 else 64, block_n=64,
+                             block_k=64)
+        return MoETiling(block_m=128, block_n=64, block_k=64, down_block_n=128)
 
 
 @dataclass(frozen=True)
@@ -290,13 +300,14 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
     )
 
     y = torch.empty((groups.num_pairs, d_model), dtype=torch.float32, device=x.device)
-    grid = (num_blocks, triton.cdiv(d_model, tiling.block_n))
+    down_block_n = tiling.down_block_n or tiling.block_n
+    grid = (num_blocks, triton.cdiv(d_model, down_block_n))
     _down_kernel[grid](
         act, down_blocks.contiguous(), down_scales.contiguous(), down_bias.contiguous(),
         route_weights.reshape(-1).contiguous(), y, groups.pair_ids, groups.block_expert,
         groups.num_pairs, d_model, d_ff, down_blocks.stride(1), down_scales.stride(1),
         act.stride(0), y.stride(0),
-        BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        BLOCK_M=tiling.block_m, BLOCK_N=down_block_n, BLOCK_K=tiling.block_k,
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )

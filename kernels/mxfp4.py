@@ -10,7 +10,8 @@ Each block is 16 bytes of E2M1 nibbles plus one E8M0 scale byte:
                         code -> 0, 0.5, 1, 1.5, 2, 3, 4, 6
     value = E2M1[n] * 2 ** (scale - 127)
 
-Nibble 8 is -0.0. Scale byte 255 is NaN in E8M0; the quantiser never writes it.
+Nibble 8 is -0.0. Scale byte 255 (E8M0_NAN) is NaN in E8M0; the quantiser never writes it,
+the checkpoint loader rejects it, and the Triton MoE does not decode it as NaN.
 """
 
 import torch
@@ -23,6 +24,9 @@ MXFP4_BYTES_PER_BLOCK = MXFP4_BLOCK_SIZE // 2
 
 MXFP4_SCALE_BIAS = 127
 """E8M0 exponent bias: scale byte 127 means a factor of 1."""
+
+E8M0_NAN = 255
+"""The one E8M0 scale byte that is not a power of two."""
 
 E2M1_VALUES: tuple[float, ...] = (
     +0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,

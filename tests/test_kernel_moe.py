@@ -212,6 +212,13 @@ def test_moe_kernel_half_precision_grouped() -> None:
                  tiling=MoETiling(16, 32, 64), seed=12)
 
 
+def test_moe_kernel_wider_second_gemm() -> None:
+    # down_block_n = 64 over d = 96: the second GEMM's last column tile is half masked.
+    for dtype, seed in ((torch.float32, 13), (torch.bfloat16, 14)):
+        check_kernel(9, dtype, num_experts=4, d_model=96, d_ff=64, top_k=2,
+                     tiling=MoETiling(16, 32, 64, down_block_n=64), seed=seed)
+
+
 def test_moe_kernel_zero_tokens() -> None:
     w = make_weights(5, 64, 64, seed=9)
     out = moe_mxfp4(torch.empty(0, 64, device=DEVICE), **w, top_k=2)
@@ -225,3 +232,5 @@ def test_moe_rejects_bad_shapes() -> None:
         moe_mxfp4(torch.zeros(1, 64, device=DEVICE), **w, top_k=2)
     with pytest.raises(ValueError, match="block_k"):
         MoETiling(16, 16, 16)
+    with pytest.raises(ValueError, match="down_block_n"):
+        MoETiling(16, 32, 32, down_block_n=48)

@@ -103,6 +103,21 @@ def test_wrong_dtype(sharded: Path, contains: str, dtype: torch.dtype, expected:
     assert name in message and file_name in message and f"expected {expected}" in message
 
 
+def test_nan_scale_byte(sharded: Path) -> None:
+    file_name = next(f for n, f in _weight_map(sharded).items() if "proj_scales" in n)
+    name = _first_in(sharded, file_name, "proj_scales")
+
+    def poison(tensors: dict) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[5] = 255
+
+    _rewrite(sharded / file_name, poison)
+    with pytest.raises(CheckpointError) as info:
+        load_model(sharded)
+    message = str(info.value)
+    assert name in message and file_name in message and "255" in message
+
+
 def test_float_tensors_may_be_float32(sharded: Path) -> None:
     name = _first_in(sharded, SECOND_SHARD, "q_proj.weight")
     _rewrite(sharded / SECOND_SHARD, lambda t: t.__setitem__(name, t[name].float()))

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
+from kernels.mxfp4 import E8M0_NAN
 from workers.model.attention import AttentionBackend
 from workers.model.config import (
     CheckpointError,
@@ -234,6 +235,13 @@ def _check_and_copy(f: safe_open, path: Path, spec: _TensorSpec) -> None:
         tensor = f.get_tensor(spec.name)
     except Exception as e:  # safetensors' own error types
         raise CheckpointError(f"{path}: cannot read tensor {spec.name} ({e})") from e
+    if spec.kind == "packed" and spec.name.endswith("scales") and bool(
+        (tensor == E8M0_NAN).any()
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {spec.name} holds scale byte {E8M0_NAN} (NaN in E8M0), which no "
+            f"valid MXFP4 checkpoint contains and the MoE kernels do not decode"
+        )
     row = 0
     with torch.no_grad():
         for target in spec.targets:
