@@ -168,3 +168,23 @@ def test_attention_reference_against_dense_formula() -> None:
             torch.testing.assert_close(out[i, h], expected, rtol=1e-5, atol=1e-6)
     # Slot 4 * 3 + 0 holds position 0 (logical block 0 -> physical 3).
     assert torch.equal(key_cache[3, 0], k[0])
+
+
+def test_slot_mapping_per_token() -> None:
+    # Chunks that start and end inside blocks, over shuffled tables: each new token's slot
+    # is table[pos // bs] * bs + pos % bs, and a token without a block is refused.
+    rng = random.Random(3)
+    block_size = 4
+    seq_lens, new = [13, 1, 9, 20], [6, 1, 9, 3]
+    physical = list(range(40))
+    rng.shuffle(physical)
+    tables = [[physical[10 * b : 10 * b + math.ceil(n / block_size)] for b, n in
+               enumerate(seq_lens)]]
+    metadata = build_attention_metadata(seq_lens, new, tables, block_size)
+    expected = [tables[0][b][pos // block_size] * block_size + pos % block_size
+                for b, (length, n) in enumerate(zip(seq_lens, new, strict=True))
+                for pos in range(length - n, length)]
+    assert metadata.groups[0].slot_mapping.tolist() == expected
+    tables[0][0][2] = -1  # position 8 of sequence 0 is new this step
+    with pytest.raises(ValueError, match="sequence 0: no block for new token at position 8"):
+        build_attention_metadata(seq_lens, new, tables, block_size)

@@ -91,8 +91,11 @@ class ModelRunner:
 
     def _inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         reqs = out.scheduled
-        ids = [t for r in reqs for t in r.token_ids]
-        positions = [p for r in reqs for p in range(r.start_position, r.seq_len)]
+        ids: list[int] = []
+        positions: list[int] = []
+        for r in reqs:
+            ids.extend(r.token_ids)
+            positions.extend(range(r.start_position, r.seq_len))
         metadata = build_attention_metadata(
             seq_lens=[r.seq_len for r in reqs],
             num_new_tokens=[r.num_new_tokens for r in reqs],
@@ -124,10 +127,12 @@ class ModelRunner:
             index = torch.tensor(last, dtype=torch.long, device=self.device)
             return logits.index_select(0, index)
         input_ids, positions, metadata = self._inputs(out)
+        # Copied before the forward is queued: a copy from pageable memory waits for the
+        # stream, and after the forward it would hold the host until the GPU is done.
+        index = torch.tensor(last, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, metadata, self.kv_caches, after_layer)  # [T, d]
         if not last:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        index = torch.tensor(last, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, index))  # [n, V] fp32
 
 

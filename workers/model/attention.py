@@ -195,13 +195,17 @@ def build_attention_metadata(
             raise ValueError(f"block_tables[{g}] has {len(tables)} rows for {len(seq_lens)} seqs")
         slots: list[int] = []
         for b, (context_len, n) in enumerate(zip(seq_lens, num_new_tokens, strict=True)):
-            for pos in range(context_len - n, context_len):
+            pos = context_len - n
+            while pos < context_len:  # one run of consecutive slots per block, not per token
                 index = pos // block_size
                 if index >= len(tables[b]) or tables[b][index] < 0:
                     raise ValueError(
                         f"group {g} sequence {b}: no block for new token at position {pos}"
                     )
-                slots.append(tables[b][index] * block_size + pos % block_size)
+                run_end = min(context_len, (index + 1) * block_size)
+                base = tables[b][index] * block_size - index * block_size
+                slots.extend(range(base + pos, base + run_end))
+                pos = run_end
         width = max([len(row) for row in tables] + [1])
         padded = [list(row) + [-1] * (width - len(row)) for row in tables]
         groups.append(
