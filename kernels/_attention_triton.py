@@ -96,7 +96,7 @@ def _paged_attention_kernel(
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
-    sink = tl.load(sinks_ptr + heads, mask=row_valid, other=0.0) * _LOG2E
+    sink = tl.load(sinks_ptr + heads, mask=row_valid, other=0.0).to(tl.float32) * _LOG2E
     if split == 0:
         m_i = sink                                    # running max, base 2
         l_i = tl.full((BLOCK_M,), 1.0, tl.float32)    # exp2(sink - m_i)

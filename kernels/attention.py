@@ -143,7 +143,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     _paged_attention_kernel[grid](
         out, part_acc, part_max, part_sum,
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        sinks.float().contiguous(),
+        sinks.contiguous(),  # any float dtype: the kernel reads it as fp32
         num_seqs, float(scale) * LOG2E, sliding_window or 0, group, head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),

@@ -33,7 +33,7 @@ class Batch:
     block_tables: torch.Tensor  # [B, MB] int32
     seq_lens: torch.Tensor  # [B] int32
     query_start_loc: torch.Tensor  # [B + 1] int32
-    sinks: torch.Tensor  # [H] fp32
+    sinks: torch.Tensor  # [H] in the batch dtype
     scale: float
     sliding_window: int | None
 
@@ -101,7 +101,7 @@ def make_batch(
         block_tables=block_tables.to(DEVICE),
         seq_lens=torch.tensor([s for s, _ in spec], dtype=torch.int32, device=DEVICE),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        sinks=2.0 * torch.randn(num_heads, generator=gen).to(DEVICE),
+        sinks=(2.0 * torch.randn(num_heads, generator=gen)).to(dtype).to(DEVICE),
         scale=1.0 / math.sqrt(head_dim),
         sliding_window=window,
     )
