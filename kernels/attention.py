@@ -52,6 +52,8 @@ class AttentionTiling:
     # pieces the key range of each query tile is cut into (1: no split, no merge kernel)
     num_warps: int = 4
     # warps per program of the attention kernel
+    num_stages: int = 3
+    # software-pipelining depth of the key loop
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -62,16 +64,21 @@ class AttentionTiling:
             raise ValueError(f"num_splits must be a power of two >= 1, got {self.num_splits}")
         if not _is_power_of_two(self.num_warps) or self.num_warps > 16:
             raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
     @staticmethod
     def for_batch(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int,
                   device: torch.device) -> "AttentionTiling":
         """Decode (one token per sequence): the smallest tile, and enough key splits that
-        sequences x kv heads x splits fill the GPU twice over. Prefill: 64-row tiles."""
+        sequences x kv heads x splits fill the GPU twice over. Prefill: 128-row tiles over
+        8 warps, two stages: best of 48 tilings at gpt-oss shapes on an H100 (2k full
+        180 against 198 us with 64-row tiles, 4 warps, 3 stages; 2k window 128 47 against
+        52; 8k full 2118 against 2420)."""
         group = num_heads // num_kv_heads
         if num_tokens > num_seqs:
-            return AttentionTiling(block_m=max(64, triton.next_power_of_2(group)), block_n=64,
-                                   num_splits=1)
+            return AttentionTiling(block_m=max(128, triton.next_power_of_2(group)), block_n=64,
+                                   num_splits=1, num_warps=8, num_stages=2)
         splits = 1
         if device.type == "cuda":
             programs = max(num_seqs * num_kv_heads, 1)
@@ -154,7 +161,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         USE_WINDOW=sliding_window is not None,
         DOT_FP32=q.device.type == "cpu",  # the Triton interpreter: no bf16 matmul in numpy
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=tiling.num_warps,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -236,6 +236,8 @@ def test_attention_rejects_bad_arguments() -> None:
         )
     with pytest.raises(ValueError, match="num_splits"):
         AttentionTiling(16, 16, 3)
+    with pytest.raises(ValueError, match="num_stages"):
+        AttentionTiling(16, 16, 1, num_stages=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
