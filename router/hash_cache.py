@@ -4,12 +4,14 @@ new blocks.
 A turn's prompt extends the previous turn's prompt, which this ingress usually placed,
 and hashing it from scratch costs ~1 us a block on the request path. The cache keeps the
 chains it computed in a radix tree over whole blocks: an edge holds a run of blocks'
-token ids (a tuple: the garbage collector stops scanning it, unlike a list) and their
-hashes, and is keyed under its parent by its first block's token ids. A lookup walks
-from the root comparing the prompt with each edge, token for token (tuple comparisons:
-~2x cheaper than encoding the tokens as the hash does, ~15x cheaper than hashing them),
-so a hash is reused only for tokens equal to those it was computed from (never on the
-strength of a hash alone):
+token ids, encoded as the hash encodes them (bytes, workers.kv.block_hash.encode_tokens),
+and their hashes, and is keyed under its parent by its first block's encoding. A lookup
+encodes the prompt once (the hashes it lacks are computed from that same encoding) and
+walks from the root comparing it with each edge (one memcmp an edge), so a hash is
+reused only for tokens equal to those it was computed from (never on the strength of a
+hash alone). Bytes, not tuples of ints: the garbage collector never scans them, where a
+young tuple of a few thousand token ids made each collection that met one cost ~0.1 ms
+more (1.5-3.6 ms pauses on the request path in bench/router_decision.py):
 
     root ─ [system prompt: 64 blocks] ─┬─ [conversation A: 40 blocks]   (leaf: a prompt)
                                        └─ [conversation B: 12 blocks] ─┬─ [B turn 2: 9]
@@ -35,13 +37,17 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from workers.kv.block_hash import BLOCK_HASH_BYTES, BlockHash, iter_block_hashes
+from workers.kv.block_hash import (
+    BLOCK_HASH_BYTES,
+    BlockHash,
+    encode_tokens,
+    iter_encoded_block_hashes,
+)
 
-# Python memory the cache counts: a token id is a tuple slot and an int object (ints below
-# 2**30; kept alive by the cache, even when the prompt shares them), a hash a list slot
-# and a 16-byte bytes object. Nodes (~300 bytes each, fewer than 2 a prompt) are not
-# counted.
-TOKEN_BYTES = 8 + 28
+# Python memory the cache counts: a token id is 4 bytes of a bytes object (its encoding),
+# a hash a list slot and a 16-byte bytes object. Nodes (~300 bytes each, fewer than 2 a
+# prompt) are not counted.
+TOKEN_BYTES = 4
 HASH_BYTES = 8 + 33 + BLOCK_HASH_BYTES
 
 
@@ -51,7 +57,7 @@ class HashCacheConfig:
     # Leaves of the tree: distinct prompts (a prompt extended by a later turn counts once).
     max_bytes: int = 128 * 2**20
     # Python memory of the token ids and hashes held (TOKEN_BYTES a token id, HASH_BYTES
-    # a hash): 128 MiB is ~3.5M tokens, ~900 prompts of 4k tokens.
+    # a hash): 128 MiB is ~18M tokens with their hashes, ~4,500 prompts of 4k tokens.
 
     def __post_init__(self) -> None:
         for name in ("max_prompts", "max_bytes"):
@@ -65,17 +71,17 @@ class _Node:
 
     def __init__(
         self,
-        tokens: tuple[int, ...],
+        tokens: bytes,
         hashes: list[BlockHash],
         parent: _Node | None,
-        key: tuple[int, ...],
+        key: bytes,
         stamp: int,
     ) -> None:
         self.tokens = tokens
-        # This edge's blocks' token ids: len(hashes) * block_size of them.
+        # This edge's blocks' token ids, encoded (encode_tokens): len(hashes) blocks.
         self.hashes = hashes
-        self.children: dict[tuple[int, ...], _Node] = {}
-        # First block's token ids -> child.
+        self.children: dict[bytes, _Node] = {}
+        # First block's encoded token ids -> child.
         self.parent = parent
         # None once evicted or merged away (its heap entries are then stale).
         self.key = key
@@ -88,18 +94,19 @@ class PromptChain:
     iterated (so a lookup that stops early hashes nothing past where it stops). Pass it
     back to PromptHashCache.remember once iterated."""
 
-    __slots__ = ("token_ids", "block_size", "num_blocks", "cached", "computed", "_end", "_version")
+    __slots__ = ("encoded", "block_size", "num_blocks", "cached", "computed", "_end", "_version")
 
     def __init__(
         self,
-        token_ids: tuple[int, ...],
+        encoded: bytes,
         block_size: int,
         num_blocks: int,
         cached: list[BlockHash],
         end: tuple[_Node, int],
         version: int,
     ) -> None:
-        self.token_ids = token_ids
+        self.encoded = encoded
+        # The prompt's token ids, encoded (encode_tokens).
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cached = cached
@@ -117,23 +124,23 @@ class PromptChain:
         return self.cached + self.computed
 
     def __iter__(self) -> Iterator[BlockHash]:
-        return itertools.chain(self.cached, self._rest())
-
-    def _rest(self) -> Iterator[BlockHash]:
+        # The hashes known so far, then the generator computing the rest, which appends
+        # each to `computed` itself (no generator of ours between it and the caller).
         computed = self.computed
-        yield from computed[:]
         known = len(self.cached) + len(computed)
         parent = computed[-1] if computed else (self.cached[-1] if self.cached else None)
-        rest = iter_block_hashes(
-            self.token_ids,
+        rest = iter_encoded_block_hashes(
+            self.encoded,
             self.block_size,
             num_blocks=self.num_blocks,
             parent=parent,
             start_block=known,
+            into=computed,
         )
-        for h in rest:
-            computed.append(h)
-            yield h
+        if not known:
+            # Nothing cached or computed yet (a first sighting): the generator itself.
+            return rest
+        return itertools.chain(self.cached, computed[:], rest)
 
 
 class PromptHashCache:
@@ -151,7 +158,7 @@ class PromptHashCache:
         self.block_size = block_size
         self.config = config or HashCacheConfig()
         self._clock = itertools.count(1)
-        self._root = _Node((), [], None, (), 0)
+        self._root = _Node(b"", [], None, b"", 0)
         self._heap: list[tuple[int, int, _Node]] = []
         # (stamp, tie-breaker, node) per leaf; stale entries are skipped when popped.
         self._ties = itertools.count()
@@ -176,7 +183,7 @@ class PromptHashCache:
             node = stack.pop()
             stack.extend(node.children.values())
             node.children, node.parent = {}, None
-        self._root = _Node((), [], None, (), 0)
+        self._root = _Node(b"", [], None, b"", 0)
         self._heap = []
         self._version += 1
         self.num_prompts = self.num_bytes = self.num_blocks = 0
@@ -189,34 +196,34 @@ class PromptHashCache:
         then the rest computed lazily as the chain is iterated."""
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        # Edges are tuples, and a tuple never equals a list or an array.
-        token_ids = tuple(token_ids)
+        # Encoded once: the edges are compared with it (byte strings: one memcmp, and
+        # objects the garbage collector never scans), and the hashes computed from it.
+        encoded = encode_tokens(token_ids)
         num_blocks = min(num_blocks, len(token_ids) // self.block_size)
-        cached, end = self._walk(token_ids, num_blocks)
+        cached, end = self._walk(encoded, num_blocks)
         self.lookups += 1
         if cached:
             self.hits += 1
             self.reused_blocks += len(cached)
-        return PromptChain(token_ids, self.block_size, num_blocks, cached, end, self._version)
+        return PromptChain(encoded, self.block_size, num_blocks, cached, end, self._version)
 
-    def _walk(
-        self, token_ids: tuple[int, ...], num_blocks: int
-    ) -> tuple[list[BlockHash], tuple[_Node, int]]:
-        """Follow the prompt down the tree, refreshing the nodes it passes. Returns the
-        hashes found and where the walk ended: a node and how many of its blocks matched."""
-        bs = self.block_size
+    def _walk(self, encoded: bytes, num_blocks: int) -> tuple[list[BlockHash], tuple[_Node, int]]:
+        """Follow the prompt (encoded) down the tree, refreshing the nodes it passes.
+        Returns the hashes found and where the walk ended: a node and how many of its
+        blocks matched."""
+        bs = 4 * self.block_size
         stamp = next(self._clock)
         node, matched, pos = self._root, 0, 0
         hashes: list[BlockHash] = []
         while pos < num_blocks:
             first = pos * bs
-            child = node.children.get(token_ids[first : first + bs])
+            child = node.children.get(encoded[first : first + bs])
             if child is None:
                 break
             n = min(len(child.hashes), num_blocks - pos)
             edge = child.tokens if n == len(child.hashes) else child.tokens[: n * bs]
-            if token_ids[first : first + n * bs] != edge:
-                n = self._common_blocks(child.tokens, token_ids, first, n)
+            if encoded[first : first + n * bs] != edge:
+                n = self._common_blocks(child.tokens, encoded, first, n)
             node, matched = child, n
             node.stamp = stamp
             hashes += child.hashes if n == len(child.hashes) else child.hashes[:n]
@@ -227,16 +234,14 @@ class PromptHashCache:
             self._push(node)
         return hashes, (node, matched)
 
-    def _common_blocks(
-        self, edge: tuple[int, ...], token_ids: tuple[int, ...], first: int, n: int
-    ) -> int:
-        """Whole blocks `edge` and the prompt from token `first` share (block 0 is known
+    def _common_blocks(self, edge: bytes, encoded: bytes, first: int, n: int) -> int:
+        """Whole blocks `edge` and the prompt from byte `first` share (block 0 is known
         equal, block n - 1 or an earlier one differs): a binary search over prefixes."""
-        bs = self.block_size
+        bs = 4 * self.block_size
         lo, hi = 1, n - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if edge[: mid * bs] == token_ids[first : first + mid * bs]:
+            if edge[: mid * bs] == encoded[first : first + mid * bs]:
                 lo = mid
             else:
                 hi = mid - 1
@@ -249,7 +254,7 @@ class PromptHashCache:
         extend the same tokens; then evict down to the bounds."""
         if not chain.computed:
             return
-        tokens, bs = chain.token_ids, self.block_size
+        tokens, bs = chain.encoded, 4 * self.block_size
         new = chain.computed
         if chain._version == self._version:
             node, matched = chain._end
@@ -278,28 +283,28 @@ class PromptHashCache:
             node.children[leaf.key] = leaf
             self.num_prompts += 1
             self._push(leaf)
-        self.num_bytes += TOKEN_BYTES * len(added) + HASH_BYTES * len(new)
+        self.num_bytes += len(added) + HASH_BYTES * len(new)
         self.num_blocks += len(new)
         self._evict()
 
     def _split(self, node: _Node, k: int) -> None:
         """Cut `node` after its first k blocks; the rest becomes its only child (the
         caller adds a second one at once, keeping the one-child invariant)."""
-        cut = k * self.block_size
-        tail = node.tokens[cut:]
-        rest = _Node(tail, node.hashes[k:], node, tail[: self.block_size], node.stamp)
+        bs = 4 * self.block_size
+        tail = node.tokens[k * bs :]
+        rest = _Node(tail, node.hashes[k:], node, tail[:bs], node.stamp)
         rest.children = node.children
         for child in rest.children.values():
             child.parent = rest
         node.children = {rest.key: rest}
-        node.tokens = node.tokens[:cut]
+        node.tokens = node.tokens[: k * bs]
         del node.hashes[k:]
         if not rest.children:
             self._push(rest)
 
     def check_integrity(self) -> None:
         """Raise RuntimeError unless the tree and its counters agree (for tests)."""
-        bs = self.block_size
+        bs = 4 * self.block_size
         prompts = num_bytes = blocks = 0
         stack = [self._root]
         while stack:
@@ -315,7 +320,7 @@ class PromptHashCache:
             for key, child in node.children.items():
                 if child.key != key or child.parent is not node:
                     raise RuntimeError("a child is misfiled")
-            num_bytes += TOKEN_BYTES * len(node.tokens) + HASH_BYTES * len(node.hashes)
+            num_bytes += len(node.tokens) + HASH_BYTES * len(node.hashes)
             blocks += len(node.hashes)
             stack.extend(node.children.values())
         if (prompts, num_bytes, blocks) != (self.num_prompts, self.num_bytes, self.num_blocks):
@@ -354,7 +359,7 @@ class PromptHashCache:
             leaf.parent = None
             self.num_prompts -= 1
             self.evicted_prompts += 1
-            self.num_bytes -= TOKEN_BYTES * len(leaf.tokens) + HASH_BYTES * len(leaf.hashes)
+            self.num_bytes -= len(leaf.tokens) + HASH_BYTES * len(leaf.hashes)
             self.num_blocks -= len(leaf.hashes)
             if parent is not self._root and len(parent.children) == 1:
                 self._merge(parent)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 POOLS: tuple[str, ...] = ("prefill", "decode")
@@ -95,7 +96,11 @@ class ReplicaLoad:
         if self.max_num_seqs < 1:
             raise ValueError(f"ReplicaLoad.max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
-    @property
+    # The derived figures below are cached on the instance: an entry is immutable, and
+    # the ingress reuses it across placements (ReplicaMemo), where policies read them for
+    # every replica of a pool several times a decision.
+
+    @cached_property
     def outstanding(self) -> int:
         """Requests on the replica, as well as this ingress can tell.
 
@@ -105,12 +110,12 @@ class ReplicaLoad:
         """
         return max(self.running + self.waiting, self.in_flight)
 
-    @property
+    @cached_property
     def pending_prompt_tokens(self) -> int:
         """Prompt tokens waiting to be computed there, joined like `outstanding`."""
         return max(self.queued_prompt_tokens, self.in_flight_prompt_tokens)
 
-    @property
+    @cached_property
     def kv_tokens_in_use(self) -> float:
         """KV held by its running sequences, in tokens (the decode load)."""
         return self.kv_usage * self.kv_capacity_tokens
@@ -124,9 +129,10 @@ class LoadView:
     decode: tuple[ReplicaLoad, ...] = ()
 
     def __post_init__(self) -> None:
-        for pool in POOLS:
-            ids = [r.replica_id for r in getattr(self, pool)]
-            if ids != sorted(set(ids)):
+        for pool, replicas in (("prefill", self.prefill), ("decode", self.decode)):
+            ids = [r.replica_id for r in replicas]
+            # Strictly increasing: sorted and distinct (one pass, on every placement).
+            if not all(map(str.__lt__, ids, ids[1:])):
                 raise ValueError(f"LoadView.{pool} must hold distinct replicas sorted by id")
 
     def pool(self, role: str) -> tuple[ReplicaLoad, ...]:
@@ -136,7 +142,7 @@ class LoadView:
 
     def replica_ids(self) -> list[str]:
         """Every replica of either pool, once, sorted."""
-        return sorted({r.replica_id for pool in POOLS for r in getattr(self, pool)})
+        return sorted({r.replica_id for r in self.prefill} | {r.replica_id for r in self.decode})
 
     def imbalance(self, role: str) -> int:
         """Outstanding requests of the busiest replica of the pool minus the idlest's."""
@@ -164,7 +170,8 @@ class LoadView:
         """
         in_flight = in_flight or {}
         in_flight_prompt_tokens = in_flight_prompt_tokens or {}
-        pools: dict[str, dict[str, ReplicaLoad]] = {pool: {} for pool in POOLS}
+        prefill: dict[str, ReplicaLoad] = {}
+        decode: dict[str, ReplicaLoad] = {}
         seen = 0
         for worker in workers:
             rid = worker.replica_id
@@ -177,15 +184,19 @@ class LoadView:
                 if memo is not None:
                     memo[rid] = (worker, figures, entry)
             seen += 1
-            for pool in POOLS:
-                if worker.role in (pool, "both"):
-                    pools[pool][rid] = entry
+            role = worker.role
+            if role == "prefill" or role == "both":
+                prefill[rid] = entry
+            if role == "decode" or role == "both":
+                decode[rid] = entry
         if memo is not None and len(memo) > 2 * seen:
             # Replicas gone from the registry: forget them (rarely: not on every call).
-            alive = {rid for pool in pools.values() for rid in pool}
-            for rid in [rid for rid in memo if rid not in alive]:
+            for rid in [rid for rid in memo if rid not in prefill and rid not in decode]:
                 del memo[rid]
-        return cls(**{pool: tuple(v for _, v in sorted(pools[pool].items())) for pool in POOLS})
+        return cls(
+            prefill=tuple([prefill[rid] for rid in sorted(prefill)]),
+            decode=tuple([decode[rid] for rid in sorted(decode)]),
+        )
 
 
 ReplicaMemo = dict[str, tuple[WorkerRecord, tuple[int, int], ReplicaLoad]]

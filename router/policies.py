@@ -22,6 +22,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from router.load import LoadView, ReplicaLoad
 
@@ -45,12 +46,22 @@ class PoolRequest:
 
     def uncached(self, replica_id: str) -> int:
         """Prompt tokens `replica_id` would have to compute."""
-        return max(0, self.num_prompt_tokens - self.cached(replica_id))
+        return max(0, self.num_prompt_tokens - self.cached_tokens.get(replica_id, 0))
 
     def best_cached(self, replicas: Sequence[ReplicaLoad] | None = None) -> int:
         """The longest cached prefix over `replicas` (default: the whole pool)."""
-        pool = self.replicas if replicas is None else replicas
-        return max((self.cached(r.replica_id) for r in pool), default=0)
+        if replicas is None:
+            return self._pool_best_cached
+        cached = self.cached_tokens
+        if not cached:
+            return 0
+        return max([cached.get(r.replica_id, 0) for r in replicas], default=0)
+
+    @cached_property
+    def _pool_best_cached(self) -> int:
+        # Asked by the pool's policy and again by place(): computed once (the request
+        # is frozen).
+        return self.best_cached(self.replicas)
 
 
 @dataclass(frozen=True)
@@ -187,27 +198,39 @@ class PrefixAware(PlacementPolicy):
 
     def eligible(self, replicas: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
         """The replicas within the imbalance bound of the least busy one."""
-        least = min(r.outstanding for r in replicas)
-        return [r for r in replicas if r.outstanding <= least + self.config.max_imbalance]
+        bound = min([r.outstanding for r in replicas]) + self.config.max_imbalance
+        return [r for r in replicas if r.outstanding <= bound]
 
     def choose(self, request: PoolRequest) -> Choice | None:
-        if not request.replicas:
+        replicas = request.replicas
+        if not replicas:
             return None
-        eligible = self.eligible(request.replicas)
-        best = min(
-            eligible,
-            key=lambda r: (
-                self.cost(request, r),
-                r.outstanding / r.max_num_seqs,
-                r.replica_id,
-            ),
-        )
-        longest = request.best_cached()
+        # One pass over the pool (this runs twice per placement, on the request path):
+        # the cheapest eligible replica by (cost, outstanding per slot, id), the longest
+        # prefix in the pool and among the eligible ones.
+        bound = min([r.outstanding for r in replicas]) + self.config.max_imbalance
+        cached = request.cached_tokens
+        cost = self.cost
+        best: ReplicaLoad | None = None
+        best_key: tuple[float, float, str] | None = None
+        longest = longest_eligible = 0
+        for r in replicas:
+            held = cached.get(r.replica_id, 0)
+            if held > longest:
+                longest = held
+            if r.outstanding > bound:
+                continue
+            if held > longest_eligible:
+                longest_eligible = held
+            key = (cost(request, r), r.outstanding / r.max_num_seqs, r.replica_id)
+            if best_key is None or key < best_key:
+                best, best_key = r, key
+        assert best is not None  # the least busy replica is always eligible
         if longest == 0:
             reason = "no_prefix"
-        elif request.cached(best.replica_id) == longest:
+        elif cached.get(best.replica_id, 0) == longest:
             reason = "prefix"
-        elif request.best_cached(eligible) < longest:
+        elif longest_eligible < longest:
             reason = "imbalance_bound"
         else:
             reason = "load"

@@ -78,9 +78,12 @@ class PrefixIndex:
         self._masks: dict[BlockHash, int] = {}
         # Any other group: group -> block hash -> OR of the holders' full-group bits.
         self._other: dict[str, dict[BlockHash, int]] = {}
-        # Each worker's blocks, so a reset or an expired worker is dropped in time
-        # proportional to what it held; a worker is here (and has bits) iff it holds any.
-        self._blocks: dict[str, set[tuple[str, BlockHash]]] = {}
+        # Each worker's blocks by group, so a reset or an expired worker is dropped in time
+        # proportional to what it held; a worker is here (and has bits) iff it holds any,
+        # and a group iff the worker holds any block of it. Hashes sit in sets per group,
+        # not as (group, hash) tuples: an event then allocates no object the garbage
+        # collector tracks, which would bring its pauses onto the request path sooner.
+        self._blocks: dict[str, dict[str, set[BlockHash]]] = {}
         self._bit: dict[str, int] = {}
         # worker -> its full-group bit (the sliding bit is the next one up).
         self._free_bits: list[int] = []
@@ -92,28 +95,36 @@ class PrefixIndex:
         bit = self._bit.get(worker)
         if bit is None:
             bit = self._bit[worker] = 1 << self._take_bit_index()
-            self._blocks[worker] = set()
+            self._blocks[worker] = {}
+        groups = self._blocks[worker]
+        held = groups.get(group)
+        if held is None:
+            held = groups[group] = set()
         holders, bit = self._group(group, bit)
         holders[block_hash] = holders.get(block_hash, 0) | bit
-        self._blocks[worker].add((group, block_hash))
+        held.add(block_hash)
 
     def removed(self, worker: str, group: str, block_hash: BlockHash) -> None:
-        blocks = self._blocks.get(worker)
-        if blocks is None or (group, block_hash) not in blocks:
+        groups = self._blocks.get(worker)
+        held = groups.get(group) if groups is not None else None
+        if held is None or block_hash not in held:
             return
-        blocks.discard((group, block_hash))
+        held.discard(block_hash)
+        if not held:
+            del groups[group]
         self._drop(self._bit[worker], group, block_hash)
-        if not blocks:
+        if not groups:
             self._release(worker)
 
     def reset(self, worker: str) -> None:
         """Forget every block of `worker` (restart, missed events, heartbeat expired)."""
-        blocks = self._blocks.get(worker)
-        if blocks is None:
+        groups = self._blocks.get(worker)
+        if groups is None:
             return
         bit = self._bit[worker]
-        for group, block_hash in blocks:
-            self._drop(bit, group, block_hash)
+        for group, held in groups.items():
+            for block_hash in held:
+                self._drop(bit, group, block_hash)
         self._release(worker)
 
     def _group(self, group: str, bit: int) -> tuple[dict[BlockHash, int], int]:
@@ -152,8 +163,8 @@ class PrefixIndex:
 
     def num_blocks(self, worker: str | None = None) -> int:
         if worker is None:
-            return sum(len(b) for b in self._blocks.values())
-        return len(self._blocks.get(worker, ()))
+            return sum(len(held) for groups in self._blocks.values() for held in groups.values())
+        return sum(len(held) for held in self._blocks.get(worker, {}).values())
 
     def holds(self, worker: str, group: str, block_hash: BlockHash) -> bool:
         bit = self._bit.get(worker)
@@ -164,7 +175,8 @@ class PrefixIndex:
 
     def blocks(self, worker: str) -> frozenset[tuple[str, BlockHash]]:
         """Every (group, block hash) the index says `worker` holds."""
-        return frozenset(self._blocks.get(worker, ()))
+        groups = self._blocks.get(worker, {})
+        return frozenset((group, h) for group, held in groups.items() for h in held)
 
     def cached_prompt_tokens(
         self,
@@ -204,34 +216,39 @@ class PrefixIndex:
         `hashes` is consumed only while some worker still matches: a lazy iterable
         (cached_prompt_tokens) hashes no block past the longest cached prefix."""
         result = dict.fromkeys(workers, 0)
-        bits = [(w, self._bit[w]) for w in result if w in self._bit]
-        alive = 0
-        for _, bit in bits:
-            alive |= bit
+        bit_of = self._bit
+        # Parallel lists, not (worker, bit) pairs: fewer objects for the collector.
+        indexed = [w for w in result if w in bit_of]
+        bits = [bit_of[w] for w in indexed]
+        alive = reduce(or_, bits, 0)
         if not alive:
             return result
         # Walk the chain once, ANDing the workers still matching (full-group bits) with each
         # block's holders; `ends` records (workers that stopped matching, blocks they
         # matched), `seen` the masks of the blocks matched, for the sliding rule.
-        masks = self._masks
+        get = self._masks.get
         ends: list[tuple[int, int]] = []
         seen: list[int] = []
+        keep = seen.append
         for h in hashes:
-            mask = masks.get(h, 0)
+            mask = get(h, 0)
             still = alive & mask
             if still != alive:
                 ends.append((alive & ~still, len(seen)))
                 alive = still
                 if not alive:
                     break
-            seen.append(mask)
+            keep(mask)
+        if not seen:
+            # Not even the first block is held anywhere (a cold prompt): nothing matched.
+            return result
         if alive:
             ends.append((alive, len(seen)))
         if sliding_blocks:
             ends = self._sliding_hits(seen, ends, sliding_blocks)
         for mask, n in ends:
             if n:
-                for w, bit in bits:
+                for w, bit in zip(indexed, bits, strict=True):
                     if bit & mask:
                         result[w] = n
         return result

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 
@@ -9,9 +10,11 @@ import pytest
 
 from workers.kv.block_hash import (
     BLOCK_HASH_BYTES,
+    encode_tokens,
     hash_block,
     hash_prompt_blocks,
     iter_block_hashes,
+    iter_encoded_block_hashes,
 )
 
 
@@ -165,3 +168,47 @@ def test_iter_block_hashes_continuation_arguments_are_checked():
     ):
         with pytest.raises(ValueError, match=match):
             next(iter_block_hashes([1] * 16, 8, **kwargs))
+
+
+def test_encode_tokens_is_little_endian_u32():
+    tokens = [0, 1, 255, 256, 70000, 2**32 - 1]
+    assert encode_tokens(tokens) == b"".join(struct.pack("<I", t) for t in tokens)
+    assert encode_tokens(tuple(tokens)) == encode_tokens(tokens)
+    with pytest.raises(ValueError, match="token_ids"):
+        encode_tokens([1, -1])
+    with pytest.raises(ValueError, match="token_ids"):
+        encode_tokens([2**32])
+
+
+def test_encoded_and_into_paths_are_the_same_chain():
+    """iter_encoded_block_hashes over encode_tokens, and `into`, against hash_block
+    chained by hand: across the doubling chunk boundaries (blocks 16, 48, 112), resumed
+    mid-chain, cut at num_blocks, with a salt."""
+    tokens = [(i * 2654435761) % 2**32 for i in range(2 * 130 + 1)]
+    for block_size in (1, 2):
+        chain, parent = [], None
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            parent = hash_block(parent, tokens[start : start + block_size], b"x")
+            chain.append(parent)
+        encoded = encode_tokens(tokens)
+        for k in (0, 1, 15, 16, 17, 47, 48, 111, 112, len(chain) - 1, len(chain)):
+            for n in (None, k + 1, k + 40, 10_000):
+                kwargs = {"parent": chain[k - 1], "start_block": k} if k else {}
+                want = chain[k:n]
+                got = list(iter_encoded_block_hashes(encoded, block_size, b"x", n, **kwargs))
+                assert got == want
+                into: list[bytes] = []
+                lazy = iter_block_hashes(tokens, block_size, b"x", n, into=into, **kwargs)
+                assert [h for h in lazy] == want and into == want
+
+
+def test_into_holds_only_what_was_yielded():
+    into: list[bytes] = []
+    blocks = iter_block_hashes(list(range(80)), 8, into=into)
+    first, second = next(blocks), next(blocks)
+    assert into == [first, second]
+    encoded_into: list[bytes] = []
+    encoded = iter_encoded_block_hashes(encode_tokens(list(range(80))), 8, into=encoded_into)
+    assert next(encoded) == first and encoded_into == [first]
+    with pytest.raises(ValueError, match="parent"):
+        iter_encoded_block_hashes(b"", 8, start_block=1)

@@ -507,3 +507,74 @@ def test_cached_prompt_tokens_hashes_lazily_and_agrees_with_full_hashing(monkeyp
             assert got == {w: n * block for w, n in full.items()}
             full_match = index.matched_blocks(prompt_block_hashes(prompt, block), ["a", "b", "c"])
             assert lazy_calls <= max(full_match.values()) + 1
+
+
+def _prefix_aware_by_definition(config: PrefixAwareConfig, request: PoolRequest) -> Choice | None:
+    """PrefixAware's documented rule written out plainly: the eligible replicas, the
+    cheapest of them by (cost, outstanding per slot, id), and the reason from the pool's
+    and the eligible replicas' longest prefixes."""
+    pool = list(request.replicas)
+    if not pool:
+        return None
+
+    def outstanding(r: ReplicaLoad) -> int:
+        return max(r.running + r.waiting, r.in_flight)
+
+    def held(r: ReplicaLoad) -> int:
+        return request.cached_tokens.get(r.replica_id, 0)
+
+    least = min(outstanding(r) for r in pool)
+    eligible = [r for r in pool if outstanding(r) <= least + config.max_imbalance]
+
+    def key(r: ReplicaLoad) -> tuple:
+        cost = (
+            config.prompt_weight * max(0, request.num_prompt_tokens - held(r))
+            + config.queued_weight * max(r.queued_prompt_tokens, r.in_flight_prompt_tokens)
+            + config.kv_weight * r.kv_usage * r.kv_capacity_tokens
+        )
+        return (cost, outstanding(r) / r.max_num_seqs, r.replica_id)
+
+    best = sorted(eligible, key=key)[0]
+    longest = max(held(r) for r in pool)
+    if longest == 0:
+        reason = "no_prefix"
+    elif held(best) == longest:
+        reason = "prefix"
+    elif max(held(r) for r in eligible) < longest:
+        reason = "imbalance_bound"
+    else:
+        reason = "load"
+    return Choice(best.replica_id, reason)
+
+
+def test_prefix_aware_equals_its_definition_on_random_pools():
+    """The one-pass choose() against the rule written out, on random pools with ties in
+    cost, busy holders past the bound, and repeated choices on the same (memoised) entries."""
+    rng = random.Random(7)
+    for _ in range(400):
+        pool = tuple(
+            replica(
+                f"r{i}",
+                running=rng.randrange(4),
+                waiting=rng.randrange(3),
+                in_flight=rng.randrange(6),
+                queued_prompt_tokens=rng.choice([0, 0, 16, 64]),
+                in_flight_prompt_tokens=rng.choice([0, 32]),
+                kv_usage=rng.choice([0.0, 0.25, 0.5]),
+                kv_capacity_tokens=rng.choice([0, 256]),
+            )
+            for i in range(rng.randint(1, 6))
+        )
+        cached = {r.replica_id: rng.choice([0, 0, 16, 32, 48]) for r in pool if rng.random() < 0.7}
+        config = PrefixAwareConfig(
+            queued_weight=rng.choice([0.0, 1.0]),
+            kv_weight=rng.choice([0.0, 0.05]),
+            max_imbalance=rng.randrange(4),
+        )
+        request = PoolRequest(pool, rng.choice([10, 40, 100]), cached)
+        policy = PrefixAware(config)
+        want = _prefix_aware_by_definition(config, request)
+        assert policy.choose(request) == want
+        assert policy.choose(request) == want
+        assert request.best_cached() == max(cached.get(r.replica_id, 0) for r in pool)
+    assert PrefixAware().choose(PoolRequest((), 10)) is None

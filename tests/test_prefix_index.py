@@ -173,3 +173,26 @@ def test_other_groups_are_kept_but_never_matched():
     index.removed("a", "chunked", H[0])
     assert index.workers == {"b"} and not index.holds("a", "chunked", H[0])
     assert index.matched_blocks(H[:2], ["a", "b"], sliding_blocks=0) == {"a": 0, "b": 1}
+
+
+def test_blocks_by_group_and_release_of_a_worker():
+    """Blocks are kept per worker and group: blocks() lists exactly the pairs held, a
+    group emptied by removals is gone, and a worker holding nothing releases its bits
+    (reused by the next worker, whose matches then start from nothing)."""
+    index = PrefixIndex()
+    index.stored("a", FULL, H[0])
+    index.stored("a", SLIDING, H[0])
+    index.stored("a", "other", H[2])
+    index.stored("a", FULL, H[0])  # again: still one block
+    assert index.blocks("a") == {(FULL, H[0]), (SLIDING, H[0]), ("other", H[2])}
+    assert index.num_blocks("a") == 3
+    index.removed("a", SLIDING, H[0])
+    index.removed("a", SLIDING, H[0])  # already gone: nothing happens
+    index.removed("a", "other", H[1])  # never held: nothing happens
+    assert index.blocks("a") == {(FULL, H[0]), ("other", H[2])}
+    index.removed("a", FULL, H[0])
+    index.removed("a", "other", H[2])
+    assert index.workers == frozenset() and index.num_blocks() == 0
+    index.stored("b", FULL, H[3])
+    assert index.matched_blocks([H[0], H[3]], ["a", "b"]) == {"a": 0, "b": 0}
+    assert index.matched_blocks([H[3]], ["a", "b"]) == {"a": 0, "b": 1}

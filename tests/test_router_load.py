@@ -3,7 +3,9 @@ views as without one, entries reused only while nothing they were built from cha
 
 from __future__ import annotations
 
-from router.load import LoadView, ReplicaMemo
+import pytest
+
+from router.load import LoadView, ReplicaLoad, ReplicaMemo
 from workers.control_plane import WorkerCapacity, WorkerInfo, WorkerLoad
 
 
@@ -49,3 +51,16 @@ def test_memo_forgets_replicas_that_left_the_registry():
     LoadView.from_workers(many[:2], memo=memo)
     assert sorted(memo) == ["d0", "d1"]
     assert LoadView.from_workers([], memo=memo) == LoadView()
+
+
+def test_view_checks_order_and_derived_figures_follow_the_entry():
+    a, b = ReplicaLoad("a", running=2, in_flight=5), ReplicaLoad("b", queued_prompt_tokens=7)
+    LoadView(decode=(a, b))
+    for bad in ((b, a), (a, a)):
+        with pytest.raises(ValueError, match="LoadView.decode"):
+            LoadView(decode=bad)
+    # Cached on the entry, read twice: the same figures as the definitions.
+    for _ in range(2):
+        assert (a.outstanding, b.outstanding) == (5, 0)
+        assert (a.pending_prompt_tokens, b.pending_prompt_tokens) == (0, 7)
+    assert ReplicaLoad("c", kv_usage=0.5, kv_capacity_tokens=64).kv_tokens_in_use == 32.0
