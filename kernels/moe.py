@@ -65,10 +65,10 @@ class MoETiling:
     # output columns per program of the second GEMM; None: block_n
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "down_block_n"):
-            value = getattr(self, name)
-            if name == "down_block_n" and value is None:
-                continue
+        sizes = {"block_m": self.block_m, "block_n": self.block_n, "block_k": self.block_k}
+        if self.down_block_n is not None:
+            sizes["down_block_n"] = self.down_block_n
+        for name, value in sizes.items():
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
         if self.block_k < 32:
@@ -82,8 +82,8 @@ class MoETiling:
     def for_batch(num_tokens: int, top_k: int, num_experts: int) -> "MoETiling":
         """Rows per program close to the mean rows per expert: little padding when small.
 
-        From sweeps at gpt-oss-20b shapes on an H100 (bench/gpu_kernels.py --sweep, whole
-        MoE in CUDA-graph replays): 32-row blocks at T=256 (500 against 530 us with 64), and
+        From sweeps at gpt-oss-20b shapes on an H100 (whole MoE in CUDA-graph replays,
+        bench/RESULTS.md): 32-row blocks at T=256 (500 against 530 us with 64), and
         at 128-row blocks a second GEMM twice as wide (T=2048 1584 against 1654 us, T=8192
         5952 against 6323).
         """
