@@ -21,7 +21,11 @@ def load_transformers(path: str | Path) -> GptOssForCausalLM:
         quantization_config=Mxfp4Config(dequantize=True),
         attn_implementation="eager",
     )
-    return model.eval()
+    # Some transformers versions (5.17) keep the dequantised experts in bf16 despite
+    # dtype=float32, and their expert matmuls then round to bf16 (logits off by up to 5 on
+    # the tiny model, and incremental decoding off its own full forward). MXFP4 values are
+    # exact in bf16, so casting back changes no weight, only the arithmetic.
+    return model.float().eval()
 
 
 def greedy_with_logits(
