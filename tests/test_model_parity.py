@@ -63,6 +63,11 @@ CONFIGS = {
         attention_bias=False,
         swiglu_limit=5.0,
     ),
+    # Plain RoPE: written as rope_type "default" (transformers reads a null as YaRN).
+    "plain_rope": tiny_config(
+        vocab_size=200, num_hidden_layers=2, layer_types=(FULL, SLIDING), rope_theta=10000.0,
+        rope_scaling=None,
+    ),
 }
 
 

@@ -236,6 +236,13 @@ def test_yarn_type_and_truncate_are_read() -> None:
     assert config.layer_types == ("sliding_attention", "full_attention")
     # transformers' default when the key is absent is to truncate.
     assert GptOssConfig.from_hf_dict({**base, "rope_scaling": yarn}).rope_scaling.truncate is True
+    # Absent or null: gpt-oss's YaRN, as transformers' GptOssConfig reads it; plain RoPE
+    # must say so.
+    default = YarnScaling(32.0, 32.0, 1.0, 4096, False)
+    assert GptOssConfig.from_hf_dict(base).rope_scaling == default
+    assert GptOssConfig.from_hf_dict({**base, "rope_scaling": None}).rope_scaling == default
+    plain = GptOssConfig.from_hf_dict({**base, "rope_scaling": {"rope_type": "default"}})
+    assert plain.rope_scaling is None
     with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
         GptOssConfig.from_hf_dict({**base, "rope_scaling": {**yarn, "rope_type": "linear"}})
     with pytest.raises(ValueError, match="config.json: rope_theta is missing"):

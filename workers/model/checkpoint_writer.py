@@ -193,7 +193,7 @@ def to_original_names(
 def hf_config_dict(config: GptOssConfig) -> dict:
     """config.json of the HF layout, with the key names of the real checkpoints."""
     c = config
-    rope_scaling = None
+    rope_scaling: dict = {"rope_type": "default"}  # null would read as gpt-oss's YaRN
     initial_context = c.max_position_embeddings
     if c.rope_scaling is not None:
         y = c.rope_scaling

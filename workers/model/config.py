@@ -41,6 +41,17 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file (and tensor)."""
 
 
+GPT_OSS_DEFAULT_YARN = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": False,
+}
+"""An HF config's rope_scaling when it has none (transformers' GptOssConfig default)."""
+
+
 @dataclass(frozen=True)
 class YarnScaling:
     """YaRN rotary scaling (gpt-oss: factor 32, beta_fast 32, beta_slow 1, 4096, truncate False)."""
@@ -232,6 +243,10 @@ class GptOssConfig:
                 f"swiglu_alpha must be 1.702 (fixed by gpt-oss), got {d['swiglu_alpha']}"
             )
         rope_params = d.get("rope_scaling") or d.get("rope_parameters")
+        if rope_params is None:
+            # transformers' GptOssConfig reads an absent or null rope_scaling as gpt-oss's
+            # YaRN, not as plain RoPE; plain RoPE is written {"rope_type": "default"}.
+            rope_params = dict(GPT_OSS_DEFAULT_YARN)
         rope_theta = d.get("rope_theta")
         if rope_theta is None and isinstance(rope_params, dict):
             rope_theta = rope_params.get("rope_theta")
