@@ -108,10 +108,7 @@ def test_iter_block_hashes_is_the_chain_hash_block_computes():
     by hand, across chunk boundaries, with a salt, and cut at num_blocks."""
     tokens = [(i * 7919) % 2**32 for i in range(8 * 70 + 5)]  # 70 full blocks + 5 tokens
     for block_size in (1, 3, 8):
-        chain, parent = [], None
-        for start in range(0, len(tokens) - block_size + 1, block_size):
-            parent = hash_block(parent, tokens[start : start + block_size], b"s")
-            chain.append(parent)
+        chain = _chained_by_hand(tokens, block_size, b"s")
         assert list(iter_block_hashes(tokens, block_size, b"s")) == chain
         assert hash_prompt_blocks(tokens, block_size, b"s") == chain
         for n in (0, 1, 33, 69, 10_000):
@@ -130,16 +127,22 @@ def test_iter_block_hashes_is_lazy_and_checks_tokens():
         next(iter_block_hashes([1, 2], 0))
 
 
+def _chained_by_hand(tokens: list[int], block_size: int, salt: bytes) -> list[bytes]:
+    """hash_block over each full block in turn, each block's parent the previous hash."""
+    chain, parent = [], None
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash_block(parent, tokens[start : start + block_size], salt)
+        chain.append(parent)
+    return chain
+
+
 def test_iter_block_hashes_continues_a_chain_from_its_parent():
     """Resuming at block k from block k-1's hash gives the whole chain's hashes from k on
     (hash_block chained by hand), across chunk boundaries and with a salt; the pinned
     chain's last two blocks come back from its first hash alone."""
     tokens = [(i * 104729) % 2**32 for i in range(5 * 70 + 3)]
     for block_size in (1, 5):
-        chain, parent = [], None
-        for start in range(0, len(tokens) - block_size + 1, block_size):
-            parent = hash_block(parent, tokens[start : start + block_size], b"s")
-            chain.append(parent)
+        chain = _chained_by_hand(tokens, block_size, b"s")
         for k in (1, 2, 31, 32, 33, 69, len(chain) - 1):
             resumed = iter_block_hashes(
                 tokens, block_size, b"s", parent=chain[k - 1], start_block=k
@@ -186,10 +189,7 @@ def test_encoded_and_into_paths_are_the_same_chain():
     mid-chain, cut at num_blocks, with a salt."""
     tokens = [(i * 2654435761) % 2**32 for i in range(2 * 130 + 1)]
     for block_size in (1, 2):
-        chain, parent = [], None
-        for start in range(0, len(tokens) - block_size + 1, block_size):
-            parent = hash_block(parent, tokens[start : start + block_size], b"x")
-            chain.append(parent)
+        chain = _chained_by_hand(tokens, block_size, b"x")
         encoded = encode_tokens(tokens)
         for k in (0, 1, 15, 16, 17, 47, 48, 111, 112, len(chain) - 1, len(chain)):
             for n in (None, k + 1, k + 40, 10_000):

@@ -107,7 +107,8 @@ def test_random_multi_turn_chains_equal_hashing_from_scratch():
     assert cache.evicted_prompts > 0 and cache.reused_blocks > 0
 
 
-def test_a_chain_is_hashed_only_as_far_as_it_is_iterated(monkeypatch):
+def _count_hashing(monkeypatch) -> list:
+    """The hashes the cache computes from now on, appended as they are yielded."""
     computed = []
     real = hash_cache_module.iter_encoded_block_hashes
 
@@ -117,6 +118,11 @@ def test_a_chain_is_hashed_only_as_far_as_it_is_iterated(monkeypatch):
             yield h
 
     monkeypatch.setattr(hash_cache_module, "iter_encoded_block_hashes", counted)
+    return computed
+
+
+def test_a_chain_is_hashed_only_as_far_as_it_is_iterated(monkeypatch):
+    computed = _count_hashing(monkeypatch)
     cache = PromptHashCache(BS)
     prompt = list(range(200, 240))  # 10 blocks
     chain = cache.chain(prompt, 10)
@@ -242,15 +248,7 @@ def test_placement_is_the_same_with_and_without_the_cache(monkeypatch):
     plain = ingress(None)
     cached = ingress(HashCacheConfig(max_prompts=8))
     assert plain.hash_cache is None and cached.hash_cache is not None
-    computed = []
-    real = hash_cache_module.iter_encoded_block_hashes
-
-    def counted(*args, **kwargs):
-        for h in real(*args, **kwargs):
-            computed.append(h)
-            yield h
-
-    monkeypatch.setattr(hash_cache_module, "iter_encoded_block_hashes", counted)
+    computed = _count_hashing(monkeypatch)
     system = [rng.randrange(50) for _ in range(10)]  # 2.5 blocks shared by most prompts
     conversations = [
         system + [rng.randrange(50) for _ in range(rng.randint(1, 20))] for _ in range(12)

@@ -90,7 +90,16 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra: bytes 
     return h.digest()
 
 
-def _check_chain(block_size: int, parent: BlockHash | None, start_block: int) -> None:
+def _chain_plan(
+    block_size: int,
+    extra: bytes,
+    num_blocks: int | None,
+    num_tokens: int,
+    parent: BlockHash | None,
+    start_block: int,
+) -> tuple[int, bytes]:
+    """Checked arguments of a chain over num_tokens tokens: (blocks to hash up to, at most
+    the full blocks there are; the bytes fed between each block's parent and its tokens)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if start_block < 0:
@@ -101,6 +110,10 @@ def _check_chain(block_size: int, parent: BlockHash | None, start_block: int) ->
         )
     if parent is not None and len(parent) != BLOCK_HASH_BYTES:
         raise ValueError(f"parent must be a {BLOCK_HASH_BYTES}-byte block hash, got {parent!r}")
+    full = num_tokens // block_size
+    if num_blocks is None or num_blocks > full:
+        num_blocks = full
+    return num_blocks, _U32(len(extra)) + extra + _U32(block_size)
 
 
 def _hash_run(
@@ -158,11 +171,9 @@ def iter_block_hashes(
     into: a list each hash is appended to before it is yielded (a caller keeping what a
     lazy lookup computed, without a generator of its own around this one).
     """
-    _check_chain(block_size, parent, start_block)
-    full = len(token_ids) // block_size
-    if num_blocks is None or num_blocks > full:
-        num_blocks = full
-    middle = _U32(len(extra)) + extra + _U32(block_size)
+    num_blocks, middle = _chain_plan(
+        block_size, extra, num_blocks, len(token_ids), parent, start_block
+    )
     first, chunk = start_block, _FIRST_CHUNK_BLOCKS
     while first < num_blocks:
         last = min(num_blocks, first + chunk)
@@ -186,12 +197,10 @@ def iter_encoded_block_hashes(
     """iter_block_hashes over tokens already encoded by encode_tokens (a caller that keeps
     the encoding anyway, as the router's hash cache does): the same values, and the same
     arguments, block counts in blocks. The arguments are checked at once, not lazily."""
-    _check_chain(block_size, parent, start_block)
+    num_blocks, middle = _chain_plan(
+        block_size, extra, num_blocks, len(encoded) // 4, parent, start_block
+    )
     step = 4 * block_size
-    full = len(encoded) // step
-    if num_blocks is None or num_blocks > full:
-        num_blocks = full
-    middle = _U32(len(extra)) + extra + _U32(block_size)
     data = encoded[start_block * step : max(start_block, num_blocks) * step]
     return _hash_run(data, parent, middle, step, into)
 
