@@ -370,7 +370,7 @@ def main() -> int:
                            ("prefill 20", 20, 1, 20, None)]
     else:
         print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-        moe_tokens, moe_checks, norm_tokens = [1, 8, 64, 256, 2048], [1, 64, 256], [1, 2048]
+        moe_tokens, moe_checks, norm_tokens = [1, 4, 8, 64, 256, 2048], [1, 4, 64, 256], [1, 2048]
         attention_cases = [
             ("decode B=1 ctx=1k full", 1024, 1, 1, None),
             ("decode B=1 ctx=1k window128", 1024, 1, 1, s.window),

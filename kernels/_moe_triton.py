@@ -3,8 +3,9 @@
 Two grouped GEMMs over token/expert pairs sorted by expert. A program owns one block of
 BLOCK_M sorted pairs (all of one expert, padding rows marked by the sentinel pair id
 `num_pairs`) and BLOCK_N output columns. For small batches, two GEMV kernels replace them
-(one program per pair, no grouping). Around them, one launch each: routing (router GEMM,
-top-k, softmax), the two grouping passes, and the combine over the k slots. Weights are
+(one program per pair, no grouping: kernels/_moe_gemv_triton.py). Around them, one launch
+each: routing (router GEMM, top-k, softmax), the two grouping passes, and the combine over
+the k slots. Weights are
 read as packed MXFP4 bytes plus E8M0 scales and decoded in registers just before use:
 nothing dequantised ever reaches device memory.
 
@@ -221,113 +222,6 @@ def _down_kernel(
     y = (acc + bias[None, :]) * route_weight[:, None]
     out = y_ptr + pairs.to(tl.int64)[:, None] * stride_y + cols[None, :]
     tl.store(out, y, mask=row_valid[:, None] & col_valid[None, :])
-
-
-# ---------------------------------------------------------------------------------------
-# Small batches (decode): one program per (token, slot) pair and output tile, no grouping.
-#
-# With a handful of pairs each expert has about one row, so the grouped GEMMs above spend
-# most of a 16-row tile on padding and launch few programs per SM. Here a program owns one
-# pair and BLOCK_N outputs: it streams its expert's packed rows once, multiplying them by
-# the one activation row in registers (no tl.dot), so the launch is pairs x N / BLOCK_N
-# programs of pure weight streaming, and routing needs no sort.
-# ---------------------------------------------------------------------------------------
-
-
-# Powers of two of the bit-placement decode (see _row_dot_mxfp4).
-_TWO_POW_64 = tl.constexpr(18446744073709551616.0)
-_TWO_POW_62 = tl.constexpr(4611686018427387904.0)
-
-
-@triton.jit
-def _row_dot_mxfp4(vec_ptr, blocks_ptr, scales_ptr, rows, row_mask, K, groups,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_k W[rows, k] * vec[k] in fp32 -> [BLOCK_N]; vec is one contiguous row of K.
-
-    The E2M1 codes become floats by bit placement alone, and each group's scale is applied
-    once to its partial sum instead of to every weight (1.3x faster at T = 1..4 on an H100
-    than the table lookup, int-to-float conversion and per-weight scale of the GEMMs' fp32
-    path, which made the GEMV ALU-bound).
-
-    A code's three magnitude bits placed at fp32 bits 22-24 (its sign at bit 31) read as
-    the code's value times 2^-126: exponent bits 23-24 hold E2M1's exponent and bit 22 its
-    mantissa, and the zero-exponent code 0.5 lands on an fp32 subnormal, which the FMA
-    takes exactly. The activations are pre-scaled by 2^64 so the products stay normal;
-    a group's partial sum is then multiplied by 2^(s - 127) and by 2^62 (= 2^(126 - 64)).
-    Every scaling is an exact power of two, so only the order of the fp32 sums differs
-    from the reference. Tiles are [rows, groups, 16 bytes]: a group's bytes are one
-    thread's 16-byte load and its sum needs no exchange between threads.
-    """
-    KG: tl.constexpr = BLOCK_K // 32
-    group_offs = tl.arange(0, KG)                                            # [KG]
-    byte_offs = tl.arange(0, 16)                                             # [16]
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        group = k0 // 32 + group_offs                                        # [KG]
-        g_valid = group < groups
-        byte = group[:, None] * 16 + byte_offs[None, :]                      # [KG, 16]
-        packed = tl.load(blocks_ptr + rows[:, None, None] * (groups * 16) + byte[None, :, :],
-                         mask=row_mask[:, None, None] & g_valid[None, :, None],
-                         other=0).to(tl.int32)                               # [BN, KG, 16]
-        even = 2 * byte                                                      # [KG, 16] inputs
-        vec_even = tl.load(vec_ptr + even, mask=g_valid[:, None], other=0.0).to(tl.float32)
-        vec_odd = tl.load(vec_ptr + even + 1, mask=g_valid[:, None], other=0.0).to(tl.float32)
-        w_even = (((packed & 7) << 22) | ((packed & 8) << 28)).to(tl.float32, bitcast=True)
-        w_odd = (((packed & 0x70) << 18) | ((packed & 0x80) << 24)).to(tl.float32, bitcast=True)
-        partial = tl.sum(w_even * (vec_even * _TWO_POW_64)[None, :, :]
-                         + w_odd * (vec_odd * _TWO_POW_64)[None, :, :], axis=2)  # [BN, KG]
-        scale_byte = tl.load(scales_ptr + rows[:, None] * groups + group[None, :],
-                             mask=row_mask[:, None] & g_valid[None, :], other=0)
-        scale = (scale_byte.to(tl.int32) << 23).to(tl.float32, bitcast=True)   # 2^(s - 127)
-        acc += tl.sum(partial * scale * _TWO_POW_62, axis=1)
-    return acc
-
-
-@triton.jit
-def _gate_up_swiglu_gemv_kernel(
-    x_ptr, blocks_ptr, scales_ptr, bias_ptr, act_ptr, experts_ptr,
-    d_model, d_ff, row_bytes, groups, stride_x, stride_act, swiglu_limit, alpha,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """act[pair, j] for BLOCK_N columns j: weight rows 2j (gate) and 2j+1 (up) are adjacent,
-    so the program reads 2 * BLOCK_N consecutive rows and splits the sums afterwards."""
-    pair = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    token = pair // TOP_K
-    expert = tl.load(experts_ptr + pair).to(tl.int64)
-    local = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)   # [2BN] gate/up rows, interleaved
-    row_valid = local < 2 * d_ff
-    rows = expert * 2 * d_ff + local
-    acc = _row_dot_mxfp4(x_ptr + token * stride_x, blocks_ptr, scales_ptr, rows, row_valid,
-                         d_model, groups, 2 * BLOCK_N, BLOCK_K)
-    acc += tl.load(bias_ptr + rows, mask=row_valid, other=0.0).to(tl.float32)
-    gate, up = tl.split(tl.reshape(acc, (BLOCK_N, 2)))       # [BN] each
-    gate = tl.minimum(gate, swiglu_limit)
-    up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit)
-    act = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(act_ptr + pair * stride_act + cols, act.to(act_ptr.dtype.element_ty),
-             mask=cols < d_ff)
-
-
-@triton.jit
-def _down_gemv_kernel(
-    act_ptr, blocks_ptr, scales_ptr, bias_ptr, route_weight_ptr, experts_ptr, y_ptr,
-    d_model, d_ff, row_bytes, groups, stride_act, stride_y,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """y[pair, n] = w_pair * (act[pair] . W2[e, n] + b2[e, n]) for BLOCK_N model dims n."""
-    pair = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    expert = tl.load(experts_ptr + pair).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = cols < d_model
-    rows = expert * d_model + cols
-    acc = _row_dot_mxfp4(act_ptr + pair * stride_act, blocks_ptr, scales_ptr, rows, col_valid,
-                         d_ff, groups, BLOCK_N, BLOCK_K)
-    bias = tl.load(bias_ptr + rows, mask=col_valid, other=0.0).to(tl.float32)
-    y = (acc + bias) * tl.load(route_weight_ptr + pair)
-    tl.store(y_ptr + pair * stride_y + cols, y, mask=col_valid)
 
 
 # ---------------------------------------------------------------------------------------

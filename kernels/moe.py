@@ -13,17 +13,13 @@ on the number of row blocks and surplus programs exit at once, so decode steps c
 captured in CUDA graphs.
 
 Small batches (decode: a few (token, slot) pairs, about one row per expert) take another
-path with the same result: no grouping, one program per pair and output tile streaming its
-expert's packed rows against the pair's single activation row (`MoEGemvTiling`):
-
-    x [T, d] --router--> experts [T * k] --GEMV 1 + SwiGLU--> act [T * k, I]
-      --GEMV 2 * weight--> y [T * k, d] (fp32) --sum over k--> out [T, d]
-
-`default_tiling` picks the path from the batch size.
+path with the same result: no grouping, two GEMVs per pair (kernels/moe_gemv.py; on CUDA
+with bf16/fp16 activations on tensor cores). `default_tiling` picks the path from the
+batch size and dtype.
 
 Public: `moe_mxfp4`, `route`, `group_by_expert`, `MoETiling`, `MoEGemvTiling`,
-`default_tiling`, `ExpertGroups`, and the plain fp32 torch reference `moe_mxfp4_reference`
-at the bottom.
+`default_tiling`, `ExpertGroups`, `pack_f16_pairs`, `swiglu_f16_exponent`, and the plain
+fp32 torch reference `moe_mxfp4_reference` at the bottom.
 """
 
 from dataclasses import dataclass
@@ -34,13 +30,19 @@ import triton
 from kernels._moe_triton import (
     _combine_kernel,
     _count_kernel,
-    _down_gemv_kernel,
     _down_kernel,
-    _gate_up_swiglu_gemv_kernel,
     _gate_up_swiglu_kernel,
     _route_kernel,
     _router_partial_kernel,
     _scatter_kernel,
+)
+from kernels.moe_gemv import (  # noqa: F401 - part of this module's public API
+    GEMV_MAX_PAIRS,
+    GEMV_MMA_MAX_PAIRS,
+    MoEGemvTiling,
+    experts_gemv,
+    pack_f16_pairs,
+    swiglu_f16_exponent,
 )
 from kernels.mxfp4 import dequantize_mxfp4
 
@@ -99,40 +101,9 @@ class MoETiling:
         return MoETiling(block_m=128, block_n=64, block_k=64, down_block_n=128)
 
 
-@dataclass(frozen=True)
-class MoEGemvTiling:
-    """Work split of the small-batch path: one program per (token, slot) pair and tile."""
-
-    block_n: int
-    # outputs per program: activation columns of GEMV 1 (2 * block_n weight rows), model
-    # dims of GEMV 2
-    block_k: int
-    # contraction step in elements; a multiple of 32 so whole MXFP4 groups are read
-    num_warps: int = 4
-    # warps per program
-    num_stages: int = 2
-    # software-pipelining depth of the K loop
-
-    def __post_init__(self) -> None:
-        for name, low in (("block_n", 1), ("block_k", 32)):
-            value = getattr(self, name)
-            if value < low or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-
-
-GEMV_MAX_PAIRS = 16
-"""Largest T * top_k the default tiling sends down the GEMV path. Each pair streams its
-expert's weights on its own, so the path reads pairs x expert bytes where the grouped GEMMs
-read each used expert once: it wins while pairs are few (the MoE is launch- and
-latency-bound there) and loses once many pairs share experts."""
-
-
 def default_tiling(num_tokens: int, top_k: int, num_experts: int, d_model: int = 2880,
-                   d_ff: int = 2880, interpreter: bool = False) -> "MoETiling | MoEGemvTiling":
+                   d_ff: int = 2880, interpreter: bool = False,
+                   half: bool = True) -> "MoETiling | MoEGemvTiling":
     """GEMV for at most GEMV_MAX_PAIRS (token, slot) pairs, else the grouped GEMMs.
 
     At gpt-oss-20b shapes on an H100 (whole MoE call, CUDA-graph replays): GEMV (16, 256)
@@ -140,8 +111,17 @@ def default_tiling(num_tokens: int, top_k: int, num_experts: int, d_model: int =
     grouped GEMMs won (290.6 against 317.6 us). block_k shrinks for small layers, where a
     256-wide step would be mostly masked. The CPU interpreter pays per program, not per
     byte: there a tile spans up to 64 outputs.
+
+    bf16/fp16 activations (`half`) on the GPU take the tensor-core GEMVs up to
+    GEMV_MMA_MAX_PAIRS: one warp and 16 (GEMV 1) or 8 (GEMV 2) weight rows a program, 16
+    groups a load step at T=1 and 8 above (whole MoE over 8 layers' weights, H100: T=1
+    41.5 us against 60.6 for the GEMV above, T=4 107 against 169; best of 15 tilings).
     """
-    if num_tokens * top_k <= GEMV_MAX_PAIRS:
+    pairs = num_tokens * top_k
+    if half and not interpreter and pairs <= GEMV_MMA_MAX_PAIRS:
+        return MoEGemvTiling(block_n=8, block_k=128, num_warps=1, tensor_cores=True,
+                             step=16 if pairs <= 4 else 8)
+    if pairs <= GEMV_MAX_PAIRS:
         widest = triton.next_power_of_2(max(d_model, d_ff))
         return MoEGemvTiling(block_n=64 if interpreter else 16,
                              block_k=max(32, min(256, widest)))
@@ -269,15 +249,16 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
     if num_tokens == 0:
         return x.new_empty((0, d_model))
     tiling = tiling or default_tiling(num_tokens, top_k, num_experts, d_model, d_ff,
-                                      interpreter=x.device.type == "cpu")
+                                      interpreter=x.device.type == "cpu",
+                                      half=x.dtype != torch.float32)
     if x.stride(1) != 1:
         x = x.contiguous()  # rows may be strided (a view into a wider buffer); columns not
 
     route_weights, experts = route(x, router_weight, router_bias, top_k)   # [T, k] each
     if isinstance(tiling, MoEGemvTiling):
-        y = _experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
-                          gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
-                          swiglu_limit, alpha, tiling)               # [T * k, d] fp32
+        y = experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
+                         gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
+                         swiglu_limit, alpha, tiling)                # [T * k, d] fp32
         return _combine(y, x, top_k)
     groups = group_by_expert(experts, num_experts, tiling.block_m)
     num_blocks = groups.block_expert.numel()
@@ -322,38 +303,6 @@ def _combine(y: torch.Tensor, x: torch.Tensor, top_k: int) -> torch.Tensor:
     _combine_kernel[(num_tokens, triton.cdiv(d_model, block_d))](
         y, out, d_model, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_D=block_d)
     return out
-
-
-def _experts_gemv(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Tensor,
-                  gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
-                  gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
-                  down_scales: torch.Tensor, down_bias: torch.Tensor, d_ff: int,
-                  swiglu_limit: float, alpha: float, tiling: MoEGemvTiling) -> torch.Tensor:
-    """The small-batch path: y [T * k, d] fp32, row p = token p // k, slot p % k, weighted."""
-    num_tokens, d_model = x.shape
-    top_k = experts.shape[1]
-    num_pairs = num_tokens * top_k
-    flat_experts = experts.reshape(-1).contiguous()                  # [P] int32
-    act = torch.empty((num_pairs, d_ff), dtype=x.dtype, device=x.device)
-    grid = (num_pairs, triton.cdiv(d_ff, tiling.block_n))
-    _gate_up_swiglu_gemv_kernel[grid](
-        x, gate_up_blocks.contiguous(), gate_up_scales.contiguous(), gate_up_bias.contiguous(),
-        act, flat_experts,
-        d_model, d_ff, gate_up_blocks.stride(1), gate_up_scales.stride(1),
-        x.stride(0), act.stride(0), float(swiglu_limit), float(alpha),
-        TOP_K=top_k, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-    )
-    y = torch.empty((num_pairs, d_model), dtype=torch.float32, device=x.device)
-    grid = (num_pairs, triton.cdiv(d_model, tiling.block_n))
-    _down_gemv_kernel[grid](
-        act, down_blocks.contiguous(), down_scales.contiguous(), down_bias.contiguous(),
-        route_weights.reshape(-1).contiguous(), flat_experts, y,
-        d_model, d_ff, down_blocks.stride(1), down_scales.stride(1), act.stride(0), y.stride(0),
-        BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-    )
-    return y
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,17 +3,26 @@
 Runs through the Triton interpreter on CPU (tests/conftest.py); shapes are tiny on purpose.
 """
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kernels.moe import (
+    MoEGemvTiling,
     MoETiling,
     group_by_expert,
     moe_mxfp4,
     moe_mxfp4_reference,
+    pack_f16_pairs,
     route,
+    swiglu_f16_exponent,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,7 +180,7 @@ def check_kernel(
     d_model: int = 64,
     d_ff: int = 64,
     top_k: int = 2,
-    tiling: MoETiling | None = None,
+    tiling: MoETiling | MoEGemvTiling | None = None,
     seed: int = 0,
     favour_expert: float = 0.0,
 ) -> None:
@@ -234,3 +243,103 @@ def test_moe_rejects_bad_shapes() -> None:
         MoETiling(16, 16, 16)
     with pytest.raises(ValueError, match="down_block_n"):
         MoETiling(16, 32, 32, down_block_n=48)
+
+
+# Tensor-core GEMVs (bf16/fp16 on CUDA). Their inline mma.sync cannot run in the CPU
+# interpreter: there the activation packing runs, and the kernels are compiled for sm_90 to
+# check the register layout the MMA relies on; on the GPU the kernels run against the
+# reference.
+
+def unpack_f16_pairs(xq: torch.Tensor, xe: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_f16_pairs, written from the layout: [T, G, 2, 4] int64 + [T, G]."""
+    num_tokens, groups = xe.shape
+    out = torch.empty(num_tokens, groups, 4, 8, dtype=torch.float64)
+    words = xq.cpu()
+    for parity in range(2):
+        for slot, (first, second) in enumerate(((0, 4), (2, 6))):
+            half = (words[:, :, parity, :] >> (32 * slot)) & 0xFFFFFFFF
+            for element, shift in ((first, 0), (second, 16)):
+                bits = ((half >> shift) & 0xFFFF).to(torch.int16)
+                out[:, :, :, element + parity] = bits.view(torch.float16).double()
+    return (out * torch.exp2(xe.cpu().double())[:, :, None, None]).reshape(num_tokens, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pack_f16_pairs_is_exact(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 32 * 20, generator=gen)
+    x[0, :32] = 0.0                                   # an all-zero group
+    x[1, 32:64] *= 1e30 if dtype == torch.bfloat16 else 1e3   # beyond f16's range in bf16
+    x[2, 64:96] *= 1e-20 if dtype == torch.bfloat16 else 1e-3
+    x = x.to(dtype).to(DEVICE)
+    xq, xe = pack_f16_pairs(x)
+    assert xq.shape == (3, 20, 2, 4) and xe.shape == (3, 20)
+    assert torch.equal(unpack_f16_pairs(xq, xe), x.cpu().double())
+    assert xe[0, 0] == -100 and xe[1, 1] > 80 if dtype == torch.bfloat16 else True
+
+
+def test_swiglu_f16_exponent_bounds_the_activations() -> None:
+    assert swiglu_f16_exponent(7.0, 1.702) == 0        # gpt-oss: |act| <= 56
+    exp = swiglu_f16_exponent(1000.0, 1.702)
+    assert 1001.0 * 1000.0 * 2.0 ** -exp < 2.0 ** 15
+
+
+def test_gemv_tiling_checks_tensor_core_shapes() -> None:
+    assert MoEGemvTiling(8, 128, num_warps=1, tensor_cores=True, down_block_n=16).down_n() == 16
+    with pytest.raises(ValueError, match="rows per program"):
+        MoEGemvTiling(4, 128, num_warps=1, tensor_cores=True)
+    with pytest.raises(ValueError, match="rows per program"):
+        MoEGemvTiling(8, 128, num_warps=4, tensor_cores=True)
+
+
+_COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import _moe_gemv_triton
+signature = {
+    "actq_ptr": "*i64", "words_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16",
+    "route_weight_ptr": "*fp32", "experts_ptr": "*i32", "y_ptr": "*fp32", "d_model": "i32",
+    "groups": "i32", "stride_actq": "i32", "stride_y": "i32", "act_exp": "i32",
+    "zero": "i32", "BLOCK_N": "constexpr", "STEP": "constexpr"}
+warps, block_n = int(sys.argv[1]), int(sys.argv[2])
+source = ASTSource(fn=_moe_gemv_triton._down_gemv_mma_kernel, signature=signature,
+                   constexprs={"BLOCK_N": block_n, "STEP": 16}, attrs={})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": 1})
+print(json.dumps({"ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"]}))
+"""
+
+
+@pytest.mark.parametrize("warps, block_n", [(1, 16), (2, 32)])
+def test_tensor_core_gemv_layout_for_sm90(warps: int, block_n: int) -> None:
+    """Lane 4m + q must hold column q of row m in every tile the MMA reads (one element per
+    lane): threads [8, 4], order [1, 0], one element per thread, no conversion in the loop.
+    Compiled (not run) for sm_90 in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, str(warps), str(block_n)],
+                            capture_output=True, text=True, env=env, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    asm = json.loads(result.stdout)
+    ttgir = asm["ttgir"]
+    loop = ttgir[ttgir.index("scf.for"):ttgir.index("scf.yield")]
+    layouts = dict(re.findall(r"(#\w+) = (#ttg\.blocked<\{[^}]*\}>)", ttgir))
+    used = set(re.findall(r"tensor<\d+x4x[^,>]+, (#\w+)>", loop))
+    assert used and "convert_layout" not in loop
+    for name in used:
+        assert ("sizePerThread = [1, 1], threadsPerWarp = [8, 4], "
+                f"warpsPerCTA = [{warps}, 1], order = [1, 0]") in layouts[name], layouts[name]
+    assert asm["ptx"].count("mma.sync.aligned.m16n8k16") == 16 * block_n // (8 * warps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mma.sync runs on the GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_gemv_matches_reference(dtype: torch.dtype) -> None:
+    tiling = MoEGemvTiling(8, 128, num_warps=1, tensor_cores=True, down_block_n=16)
+    check_kernel(3, dtype, tiling=tiling, seed=31)
+    # 3 groups (not a multiple of the 4-group step) and d_ff = 32: masked tails
+    check_kernel(2, dtype, num_experts=4, d_model=96, d_ff=32, top_k=3, tiling=tiling, seed=32)
+    check_kernel(4, dtype, num_experts=6, d_model=160, d_ff=96, top_k=4,
+                 tiling=MoEGemvTiling(16, 128, num_warps=2, tensor_cores=True), seed=33)
