@@ -26,10 +26,12 @@ from workers.model.config import GptOssConfig
 from workers.model.layers import (
     DecoderLayer,
     Linear,
+    LinearBackend,
     NormBackend,
     RMSNorm,
     RotaryBackend,
     RotaryEmbedding,
+    TorchLinear,
     TorchNorm,
     TorchRotary,
     empty_parameter,
@@ -69,16 +71,20 @@ class GptOssModel(nn.Module):
         self.set_backends(self.attention, self.moe)
 
     def set_backends(self, attention: AttentionBackend, moe: MoEBackend) -> None:
-        """Swap the kernels of every layer: attention, and the rotary and norms when the
-        attention backend also provides them (the torch references otherwise), and MoE.
+        """Swap the kernels of every layer: attention, and the rotary, norms and dense
+        projections when the attention backend also provides them (the torch references
+        otherwise), and MoE.
         The benchmarks check one model both ways with it."""
         self.attention, self.moe = attention, moe
         norm = attention if isinstance(attention, NormBackend) else TorchNorm()
         rotary = attention if isinstance(attention, RotaryBackend) else TorchRotary()
+        linear = attention if isinstance(attention, LinearBackend) else TorchLinear()
         self.norm.backend = norm
+        self.lm_head.backend = linear
         for layer in self.layers:
             layer.input_layernorm.backend = layer.post_attention_layernorm.backend = norm
             layer.self_attn.backend, layer.self_attn.rotary = attention, rotary
+            layer.self_attn.qkv_proj.backend = layer.self_attn.o_proj.backend = linear
             layer.mlp.backend = moe
 
     @property

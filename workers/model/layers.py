@@ -23,6 +23,26 @@ def empty_parameter(
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class LinearBackend(ABC):
+    """How a dense projection runs: y = x W^T (+ b), x [T, in], W [out, in] -> [T, out]
+    in x's dtype. An attention backend may also be one (TritonPagedAttention is: a one-token
+    GEMV kernel for decode); GptOssModel.set_backends uses `TorchLinear` otherwise."""
+
+    @abstractmethod
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
+class TorchLinear(LinearBackend):
+    """The reference and CPU path (cuBLAS on CUDA)."""
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return nn.functional.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x W^T + b with W [out, in]; no initialisation."""
 
@@ -37,9 +57,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = empty_parameter((out_features, in_features), dtype, device)
         self.bias = empty_parameter((out_features,), dtype, device) if bias else None
+        self.backend: LinearBackend = TorchLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.backend.linear(x, self.weight, self.bias)
 
 
 class Rows:

@@ -1,8 +1,9 @@
 """The Triton kernels of kernels/ behind the model's backend interfaces, and backend choice.
 
     TritonPagedAttention   write_kv + paged_attention (kernels/attention.py), and the
-                           rotary of q and k (kernels/rope.py) as a RotaryBackend, and
-                           the RMSNorms with fused residual adds (kernels/rmsnorm.py)
+                           rotary of q and k (kernels/rope.py) as a RotaryBackend, the
+                           RMSNorms with fused residual adds (kernels/rmsnorm.py), and
+                           one-token dense projections (kernels/gemv.py)
     TritonMoE              moe_mxfp4 on the packed checkpoint experts (kernels/moe.py)
 
 Both honour the contracts of workers/model/attention.py and workers/model/moe.py, so the
@@ -24,6 +25,7 @@ from typing import Literal
 import torch
 
 from kernels.attention import paged_attention, write_kv
+from kernels.gemv import GemvTiling, gemv
 from kernels.moe import moe_mxfp4
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rotary_embedding_
@@ -32,18 +34,33 @@ from workers.model.attention import (
     AttentionMetadata,
     TorchPagedAttention,
 )
-from workers.model.layers import NormBackend, RotaryBackend
+from workers.model.layers import LinearBackend, NormBackend, RotaryBackend
 from workers.model.moe import MoEBackend, MoEWeights, TorchMoE
 
 KernelsName = Literal["torch", "triton"]
 KERNELS_NAMES: tuple[str, ...] = ("torch", "triton")
 
 
-class TritonPagedAttention(AttentionBackend, RotaryBackend, NormBackend):
+class TritonPagedAttention(AttentionBackend, RotaryBackend, NormBackend, LinearBackend):
     """Paged attention through the Triton kernels: one write launch, one attention launch
     (plus a merge launch when the key range is split, as for small decode batches). As a
     RotaryBackend it also rotates q and k, in place, in one launch; as a NormBackend it runs
-    every RMSNorm of the model with the residual add fused in (kernels/rmsnorm.py)."""
+    every RMSNorm of the model with the residual add fused in (kernels/rmsnorm.py); as a
+    LinearBackend it runs one-token projections of bf16/fp16 weights on CUDA through the
+    GEMV kernel (kernels/gemv.py) and everything else through cuBLAS."""
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [T, in] -> [T, out]. At T = 1 on an H100 (20b shapes, 24 layers' weights): q/k/v
+        12.2 against cuBLAS's 13.1 us, o_proj 10.1 against 14.4, lm_head 367 against 407."""
+        if x.shape[0] != 1 or not x.is_cuda or weight.dtype not in (torch.bfloat16,
+                                                                    torch.float16):
+            return torch.nn.functional.linear(x, weight, bias)
+        num_out, width = weight.shape
+        wide = width >= 4096 or num_out >= 65536
+        tiling = GemvTiling(4, 1024, 2) if wide else GemvTiling(8, 512, 4)
+        return gemv(x, weight, bias, tiling)
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
