@@ -209,27 +209,40 @@ def _scaled_f16_bits(x, exp):
 
 
 @triton.jit
-def _pack_f16_pairs_kernel(x_ptr, xq_ptr, xe_ptr, groups, stride_x, stride_xq, stride_xe,
-                           BLOCK_G: tl.constexpr):
-    """x [T, groups * 32] -> xq [T, groups, 2, 4] int64 (per group, the pairs of its 4 words
-    for even and odd MMA columns) and xe [T, groups] int32: the group was scaled by 2^-xe,
-    xe = floor(log2(max |x|)) - 14, so every value is below 2^15 and bf16's 8 significant
-    bits fit f16's 11 down to 2^-28 of the group's largest (exact for bf16 inputs in
-    practice; smaller values keep f16's absolute resolution)."""
+def _pack_groups(x):
+    """x [R, 32] fp32, one MXFP4-sized group a row -> (pairs [R, 2, 4] int64: the group's 4
+    words' pairs for even and odd MMA columns, exps [R] int32): the group is scaled by
+    2^-exp, exp = floor(log2(max |x|)) - 14, so every value is below 2^15 and bf16's 8
+    significant bits fit f16's 11 down to 2^-28 of the group's largest (exact for bf16
+    inputs in practice; smaller values keep f16's absolute resolution)."""
+    R: tl.constexpr = x.shape[0]
+    amax_bits = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True)
+    exp = tl.minimum(tl.maximum(((amax_bits >> 23) & 0xFF) - 141, -100), 113)  # [R]
+    h = _scaled_f16_bits(x, exp[:, None])
+    pairs = tl.reshape(_f16_pairs(tl.reshape(h, (R * 4, 8))), (R, 4, 2))       # [R, q, c]
+    return tl.permute(pairs, (0, 2, 1)), exp
+
+
+@triton.jit
+def _store_packed(xq_ptr, xe_ptr, offs, valid, pairs, exp):
+    """Packed groups to xq (int64, 8 per group) and xe at group offsets offs [R]."""
+    slot = tl.arange(0, 8)[None, :]
+    tl.store(xq_ptr + offs[:, None] * 8 + slot, tl.reshape(pairs, (pairs.shape[0], 8)),
+             mask=valid[:, None])
+    tl.store(xe_ptr + offs, exp, mask=valid)
+
+
+@triton.jit
+def _pack_f16_pairs_kernel(x_ptr, xq_ptr, xe_ptr, groups, stride_x, BLOCK_G: tl.constexpr):
+    """x [T, groups * 32] -> xq [T, groups, 2, 4] int64, xe [T, groups] int32 (_pack_groups);
+    xq and xe contiguous."""
     token = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_valid = group < groups
     x = tl.load(x_ptr + token * stride_x + group[:, None] * 32 + tl.arange(0, 32)[None, :],
                 mask=g_valid[:, None], other=0.0).to(tl.float32)              # [BG, 32]
-    amax_bits = tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True)
-    exp = tl.minimum(tl.maximum(((amax_bits >> 23) & 0xFF) - 141, -100), 113)  # [BG]
-    h = _scaled_f16_bits(x, exp[:, None])
-    pairs = tl.reshape(_f16_pairs(tl.reshape(h, (BLOCK_G * 4, 8))), (BLOCK_G, 4, 2))
-    q = tl.arange(0, 4)[None, :, None]
-    c = tl.arange(0, 2)[None, None, :]
-    tl.store(xq_ptr + token * stride_xq + group[:, None, None] * 8 + c * 4 + q, pairs,
-             mask=g_valid[:, None, None])
-    tl.store(xe_ptr + token * stride_xe + group, exp, mask=g_valid)
+    pairs, exp = _pack_groups(x)
+    _store_packed(xq_ptr, xe_ptr, token * groups + group, g_valid, pairs, exp)
 
 
 @triton.jit

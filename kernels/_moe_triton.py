@@ -28,6 +28,8 @@ operand) measured 2-3x slower at every batch size (bench/RESULTS.md).
 import triton
 import triton.language as tl
 
+from kernels._moe_gemv_triton import _pack_groups, _store_packed
+
 # Doubled E2M1 magnitudes [0, 0.5, 1, 1.5, 2, 3, 4, 6] * 2 = [0, 1, 2, 3, 4, 6, 8, 12],
 # one per 4-bit lane: a 16-entry table lookup becomes a shift and a mask.
 _E2M1_DOUBLED_LUT = tl.constexpr(0xC8643210)
@@ -234,9 +236,12 @@ def _router_partial_kernel(
     x_ptr, w_ptr, partial_ptr, num_tokens, d_model, num_experts, split_len, stride_x,
     stride_w,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, PACK: tl.constexpr, xq_ptr, xe_ptr,
 ):
     """partial[split, t, e] = x[t, K-range of split] . W[e, same range] for BLOCK_T tokens.
+
+    PACK: also write the tile's groups packed for the tensor-core GEMVs (xq [T, d / 32, 2, 4],
+    xe [T, d / 32], contiguous; see _pack_groups), sparing them a launch of their own.
 
     The router GEMM split along K over a second grid axis, so a decode step's handful of
     tokens still spreads over many programs (one program walking all of K alone took
@@ -262,6 +267,14 @@ def _router_partial_kernel(
                          input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)                                   # [BT, BE]
+        if PACK:
+            groups = d_model // 32
+            pairs, exp = _pack_groups(tl.reshape(x.to(tl.float32), (BLOCK_T * BLOCK_K // 32, 32)))
+            group = k0 // 32 + tl.arange(0, BLOCK_K // 32)[None, :]                # [1, KG]
+            offs = tokens.to(tl.int64)[:, None] * groups + group                   # [BT, KG]
+            valid = t_valid[:, None] & (group < groups)
+            _store_packed(xq_ptr, xe_ptr, tl.reshape(offs, (BLOCK_T * BLOCK_K // 32,)),
+                          tl.reshape(valid, (BLOCK_T * BLOCK_K // 32,)), pairs, exp)
     out = (split * num_tokens + tokens.to(tl.int64))[:, None] * BLOCK_E + experts[None, :]
     tl.store(partial_ptr + out, acc, mask=t_valid[:, None])
 

@@ -42,6 +42,7 @@ from kernels.moe_gemv import (  # noqa: F401 - part of this module's public API
     MoEGemvTiling,
     experts_gemv,
     pack_f16_pairs,
+    packed_f16_buffers,
     swiglu_f16_exponent,
 )
 from kernels.mxfp4 import dequantize_mxfp4
@@ -150,13 +151,15 @@ ROUTER_SPLITS = 8
 """K splits of the router GEMM: spreads a decode step's few tokens over more programs."""
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
-          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+          top_k: int, packed_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts of each token and their weights (softmax over the selected logits).
 
     x [T, d], router_weight [E, d], router_bias [E] -> (weights [T, k] fp32,
     experts [T, k] int32, in descending logit order; ties to the lower expert). Logits are
     fp32 sums of exact products. Two launches: the router GEMM split along K, then the
-    top-k and softmax.
+    top-k and softmax. packed_out (packed_f16_buffers(x)): the router GEMM also writes x
+    packed for the tensor-core GEMVs (as pack_f16_pairs does; d a multiple of 32).
     """
     num_tokens, d_model = x.shape
     num_experts = router_weight.shape[0]
@@ -175,6 +178,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
         x, router_weight, partial, num_tokens, d_model, num_experts, split_len, x.stride(0),
         router_weight.stride(0), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
         FP32_DOT=x.dtype == torch.float32 or router_weight.dtype != x.dtype,
+        PACK=packed_out is not None, xq_ptr=packed_out[0] if packed_out else x,
+        xe_ptr=packed_out[1] if packed_out else x,
     )
     _route_kernel[(token_blocks,)](
         partial, router_bias, weights, experts, num_tokens, num_experts, num_splits,
@@ -254,11 +259,12 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
     if x.stride(1) != 1:
         x = x.contiguous()  # rows may be strided (a view into a wider buffer); columns not
 
-    route_weights, experts = route(x, router_weight, router_bias, top_k)   # [T, k] each
+    packed = packed_f16_buffers(x) if getattr(tiling, "tensor_cores", False) else None
+    route_weights, experts = route(x, router_weight, router_bias, top_k, packed)  # [T, k]
     if isinstance(tiling, MoEGemvTiling):
         y = experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
                          gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
-                         swiglu_limit, alpha, tiling)                # [T * k, d] fp32
+                         swiglu_limit, alpha, tiling, packed)        # [T * k, d] fp32
         return _combine(y, x, top_k)
     groups = group_by_expert(experts, num_experts, tiling.block_m)
     num_blocks = groups.block_expert.numel()

@@ -10,7 +10,8 @@ CPU interpreter included) and, for bf16/fp16 activations on CUDA, the tensor-cor
 (mma.sync on the packed words as loaded; activations packed as f16 pairs per 32-group
 with their own power-of-two exponent). kernels/moe.py chooses the path (`default_tiling`).
 
-Public: `MoEGemvTiling`, `experts_gemv`, `pack_f16_pairs`, `swiglu_f16_exponent`,
+Public: `MoEGemvTiling`, `experts_gemv`, `pack_f16_pairs`, `packed_f16_buffers`,
+`swiglu_f16_exponent`,
 `GEMV_MAX_PAIRS`, `GEMV_MMA_MAX_PAIRS`.
 """
 
@@ -92,8 +93,10 @@ def experts_gemv(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Te
                  gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
                  gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
                  down_scales: torch.Tensor, down_bias: torch.Tensor, d_ff: int,
-                 swiglu_limit: float, alpha: float, tiling: MoEGemvTiling) -> torch.Tensor:
-    """The small-batch path: y [T * k, d] fp32, row p = token p // k, slot p % k, weighted."""
+                 swiglu_limit: float, alpha: float, tiling: MoEGemvTiling,
+                 packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The small-batch path: y [T * k, d] fp32, row p = token p // k, slot p % k, weighted.
+    packed: x already in the tensor-core GEMVs' form (pack_f16_pairs), if at hand."""
     num_tokens, d_model = x.shape
     top_k = experts.shape[1]
     num_pairs = num_tokens * top_k
@@ -101,7 +104,7 @@ def experts_gemv(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Te
     if tiling.tensor_cores:
         return _experts_gemv_mma(x, route_weights, flat_experts, gate_up_blocks,
                                  gate_up_scales, gate_up_bias, down_blocks, down_scales,
-                                 down_bias, d_ff, top_k, swiglu_limit, alpha, tiling)
+                                 down_bias, d_ff, top_k, swiglu_limit, alpha, tiling, packed)
     act = torch.empty((num_pairs, d_ff), dtype=x.dtype, device=x.device)
     grid = (num_pairs, triton.cdiv(d_ff, tiling.block_n))
     _gate_up_swiglu_gemv_kernel[grid](
@@ -124,16 +127,21 @@ def experts_gemv(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Te
     return y
 
 
+def packed_f16_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (xq [T, K / 32, 2, 4] int64, xe [T, K / 32] int32) for x [T, K]."""
+    num_tokens, width = x.shape
+    return (torch.empty((num_tokens, width // 32, 2, 4), dtype=torch.int64, device=x.device),
+            torch.empty((num_tokens, width // 32), dtype=torch.int32, device=x.device))
+
+
 def pack_f16_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [T, K] (K a multiple of 32) in the tensor-core GEMVs' packed form:
-    (xq [T, K / 32, 2, 4] int64, xe [T, K / 32] int32); see _pack_f16_pairs_kernel."""
-    num_tokens, width = x.shape
-    groups = width // 32
-    xq = torch.empty((num_tokens, groups, 2, 4), dtype=torch.int64, device=x.device)
-    xe = torch.empty((num_tokens, groups), dtype=torch.int32, device=x.device)
+    (xq [T, K / 32, 2, 4] int64, xe [T, K / 32] int32); see _pack_groups. `route` writes
+    the same as a by-product of the router GEMM (moe_mxfp4 uses that)."""
+    xq, xe = packed_f16_buffers(x)
     block_g = 16
-    _pack_f16_pairs_kernel[(num_tokens, triton.cdiv(groups, block_g))](
-        x, xq, xe, groups, x.stride(0), xq.stride(0), xe.stride(0), BLOCK_G=block_g)
+    _pack_f16_pairs_kernel[(x.shape[0], triton.cdiv(xe.shape[1], block_g))](
+        x, xq, xe, xe.shape[1], x.stride(0), BLOCK_G=block_g)
     return xq, xe
 
 
@@ -148,7 +156,8 @@ def _experts_gemv_mma(x: torch.Tensor, route_weights: torch.Tensor, flat_experts
                       gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
                       gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
                       down_scales: torch.Tensor, down_bias: torch.Tensor, d_ff: int, top_k: int,
-                      swiglu_limit: float, alpha: float, tiling: MoEGemvTiling) -> torch.Tensor:
+                      swiglu_limit: float, alpha: float, tiling: MoEGemvTiling,
+                      packed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """The small-batch path on tensor cores: y [T * k, d] fp32, as `experts_gemv`."""
     if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cuda":
         raise ValueError(f"tensor-core GEMVs take bf16/fp16 activations on CUDA, got "
@@ -158,7 +167,7 @@ def _experts_gemv_mma(x: torch.Tensor, route_weights: torch.Tensor, flat_experts
                          "activations they hold in f16)")
     d_model = x.shape[1]
     num_pairs = flat_experts.numel()
-    xq, xe = pack_f16_pairs(x)
+    xq, xe = packed if packed is not None else pack_f16_pairs(x)
     act_exp = swiglu_f16_exponent(swiglu_limit, alpha)
     actq = torch.empty((num_pairs, d_ff // 32, 2, 4), dtype=torch.int64, device=x.device)
     _gate_up_swiglu_gemv_mma_kernel[(num_pairs, triton.cdiv(d_ff, tiling.block_n))](

@@ -21,6 +21,7 @@ from kernels.moe import (
     moe_mxfp4,
     moe_mxfp4_reference,
     pack_f16_pairs,
+    packed_f16_buffers,
     route,
     swiglu_f16_exponent,
 )
@@ -276,6 +277,20 @@ def test_pack_f16_pairs_is_exact(dtype: torch.dtype) -> None:
     assert xq.shape == (3, 20, 2, 4) and xe.shape == (3, 20)
     assert torch.equal(unpack_f16_pairs(xq, xe), x.cpu().double())
     assert xe[0, 0] == -100 and xe[1, 1] > 80 if dtype == torch.bfloat16 else True
+
+
+@pytest.mark.parametrize("num_tokens", [1, 19])
+def test_route_packs_like_pack_f16_pairs(num_tokens: int) -> None:
+    """The router GEMM's by-product (what moe_mxfp4 feeds the tensor-core GEMVs) equals the
+    standalone packing, over several K splits and token blocks."""
+    w = make_weights(5, 32 * 44, 64, seed=22)
+    x = poisoned_rows(num_tokens, 32 * 44, torch.bfloat16, seed=23)
+    packed = packed_f16_buffers(x)
+    weights, experts = route(x, w["router_weight"], w["router_bias"], 2, packed)
+    expected = pack_f16_pairs(x)
+    assert torch.equal(packed[0], expected[0]) and torch.equal(packed[1], expected[1])
+    plain = route(x, w["router_weight"], w["router_bias"], 2)
+    assert torch.equal(weights, plain[0]) and torch.equal(experts, plain[1])
 
 
 def test_swiglu_f16_exponent_bounds_the_activations() -> None:

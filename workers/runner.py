@@ -140,9 +140,9 @@ class DecodeGraphs:
     """CUDA graphs of whole decode steps (forward and logits), one per padded batch size.
 
     A graph reads its size's staged one-token inputs and the first S rows of the shared
-    block tables, so a step only copies its inputs in (two or three copies) and replays. The graphs share one memory pool; they are
-    replayed one at a time on the current stream, and each one's logits are copied out
-    before the next replay.
+    block tables, so a step only copies its inputs in (one copy per KV group and one more)
+    and replays. The graphs share one memory pool; they are replayed one at a time on the
+    current stream, and each one's logits are copied out before the next replay.
     """
 
     def __init__(
@@ -174,6 +174,8 @@ class DecodeGraphs:
         # KV group, [3 + G, S] int64: one host-to-device copy a step, from pinned memory on
         # CUDA (was 3 + 2G copies from pageable memory: 0.27 ms of a 2.8 ms step on an H100).
         self.staged: dict[int, torch.Tensor] = {}
+        self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see _host
+        self.copied: dict[int, torch.cuda.Event] = {}  # the last copies out of self.host
         self.seq_lens = buffer((rows,), torch.int32)  # staged row 2, cast inside the graph
         # One token per sequence: query_start_loc is 0, 1, ..., rows for every size.
         self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
@@ -219,37 +221,53 @@ class DecodeGraphs:
             self.staged[size] = self.buffer((3 + self.num_groups, size), torch.int64)
         return self.staged[size]
 
-    def _host(self, rows: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-        """A host tensor to copy from: pinned on CUDA (the copy does not wait for the GPU)."""
-        return torch.tensor(rows, dtype=dtype, pin_memory=self.model.device.type == "cuda")
+    def _host(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A size's host buffers to copy from (pinned on CUDA, so copies do not wait for the
+        GPU): staged inputs [3 + G, S] int64 and room for G block tables of S rows int32.
+        Reused: the previous step's copies out of them are waited for first."""
+        if size in self.copied:
+            self.copied.pop(size).synchronize()
+        if size not in self.host:
+            pin = self.model.device.type == "cuda"
+            self.host[size] = (
+                torch.empty((3 + self.num_groups, size), dtype=torch.int64, pin_memory=pin),
+                torch.empty(self.num_groups * size * self.max_blocks, dtype=torch.int32,
+                            pin_memory=pin),
+            )
+        return self.host[size]
 
     def _fill(self, scheduled: Sequence[ScheduledRequest], size: int) -> None:
         """Copy the step's inputs into rows [0, B) and padding into rows [B, size)."""
         batch = len(scheduled)
-        pad = size - batch
         bs = self.block_size
-        staged = [
-            [r.token_ids[0] for r in scheduled] + [0] * pad,
-            [r.start_position for r in scheduled] + [0] * pad,
-            [r.seq_len for r in scheduled] + [1] * pad,
-        ]
+        staged, tables_flat = self._host(size)
+        host = staged.numpy()
+        host[0, :batch] = [r.token_ids[0] for r in scheduled]
+        host[1, :batch] = [r.start_position for r in scheduled]
+        host[2, :batch] = [r.seq_len for r in scheduled]
+        host[:, batch:] = 0
+        host[2:, batch:] = [[1]] + [[-1]] * self.num_groups   # seq_len 1, no slot
         for g, tables in enumerate(self.block_tables):
             rows = [r.block_tables[g] for r in scheduled]
             width = max(len(row) for row in rows)
-            padded = [list(row) + [-1] * (width - len(row)) for row in rows]
-            padded += [[0] * width for _ in range(pad)]
-            new_slots = []
-            for r, row in zip(scheduled, rows, strict=True):
+            table = tables_flat[g * size * self.max_blocks:][: size * width].view(size, width)
+            padded = table.numpy()
+            padded[batch:] = 0
+            for i, (r, row) in enumerate(zip(scheduled, rows, strict=True)):
+                padded[i, : len(row)] = row
+                padded[i, len(row):] = -1
                 block = row[r.start_position // bs]
                 if block < 0:
                     raise ValueError(
                         f"group {g} request {r.request_id}: no block for new token at "
                         f"position {r.start_position}"
                     )
-                new_slots.append(block * bs + r.start_position % bs)
-            staged.append(new_slots + [-1] * pad)
-            tables[:size, :width].copy_(self._host(padded, torch.int32), non_blocking=True)
-        self._staged(size).copy_(self._host(staged, torch.int64), non_blocking=True)
+                host[3 + g, i] = block * bs + r.start_position % bs
+            tables[:size, :width].copy_(table, non_blocking=True)
+        self._staged(size).copy_(staged, non_blocking=True)
+        if staged.is_pinned():
+            self.copied[size] = torch.cuda.Event()
+            self.copied[size].record()
 
     def _reset_padding(self, size: int) -> None:
         """Every row of [0, size) a padding row: what warm-up and capture run on."""
