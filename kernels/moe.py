@@ -177,7 +177,10 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tenso
     _router_partial_kernel[(token_blocks, num_splits)](
         x, router_weight, partial, num_tokens, d_model, num_experts, split_len, x.stride(0),
         router_weight.stride(0), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k,
-        FP32_DOT=x.dtype == torch.float32 or router_weight.dtype != x.dtype,
+        # fp32 dots also in the CPU interpreter, which has no bf16 matmul (numpy): bf16
+        # products are exact in fp32, so the logits are the same
+        FP32_DOT=(x.dtype == torch.float32 or router_weight.dtype != x.dtype
+                  or x.device.type == "cpu"),
         PACK=packed_out is not None, xq_ptr=packed_out[0] if packed_out else x,
         xe_ptr=packed_out[1] if packed_out else x,
     )

@@ -134,6 +134,21 @@ def test_route_picks_top_experts_exactly() -> None:
     assert experts.dtype == torch.int32
 
 
+def test_route_bf16_router_matches_fp32_logits() -> None:
+    """bf16 activations and router weights (as a bf16 checkpoint has them): the tensor-core
+    dot on the GPU, an fp32 dot in the CPU interpreter; the same experts and weights as
+    fp32 logits of the same values either way."""
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(7, 64, generator=gen).to(torch.bfloat16)
+    router_weight = (torch.randn(5, 64, generator=gen) / 8).to(torch.bfloat16)
+    router_bias = torch.randn(5, generator=gen).to(torch.bfloat16)
+    weights, experts = route(x.to(DEVICE), router_weight.to(DEVICE), router_bias.to(DEVICE), 2)
+    logits = x.float() @ router_weight.float().T + router_bias.float()
+    top, expected = torch.topk(logits, 2)
+    assert experts.cpu().tolist() == expected.tolist()
+    torch.testing.assert_close(weights.cpu(), torch.softmax(top, dim=-1), rtol=1e-5, atol=1e-6)
+
+
 def test_route_ties_go_to_the_lower_expert() -> None:
     w = make_weights(num_experts=5, d_model=64, d_ff=64, seed=4)
     w["router_weight"][3] = w["router_weight"][1]
