@@ -34,6 +34,7 @@ from kernels.attention import (  # noqa: E402
     paged_attention_reference,
     write_kv,
 )
+from kernels.gemv import gemv, gemv_reference  # noqa: E402
 from kernels.moe import MoETiling, moe_mxfp4, moe_mxfp4_reference, route  # noqa: E402
 from kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
 
@@ -263,6 +264,24 @@ def bench_rmsnorm(s: Shapes, device: torch.device, token_counts: list[int]) -> t
     return rows, ok
 
 
+def bench_gemv(s: Shapes, device: torch.device, vocab: int) -> tuple[list[Row], bool]:
+    """One-token projections of a decode step: q/k/v, o_proj and lm_head (no bias)."""
+    ok, rows = True, []
+    q_width = s.num_heads * s.head_dim
+    cases = (("q/k/v", q_width + 2 * s.num_kv_heads * s.head_dim, s.d_model, True),
+             ("o_proj", s.d_model, q_width, True), ("lm_head", vocab, s.d_model, False))
+    for name, num_out, width, has_bias in cases:
+        weight = (torch.randn(num_out, width, device=device) * width ** -0.5).to(torch.bfloat16)
+        bias = torch.randn(num_out, device=device).to(torch.bfloat16) if has_bias else None
+        x = torch.randn(1, width, device=device).to(torch.bfloat16)
+        ok &= check(f"gemv {name}", gemv(x, weight, bias).float(),
+                    gemv_reference(x, weight, bias))
+        rows.append(row("gemv", f"{name} {num_out}x{width}",
+                        lambda x=x, w=weight, b=bias: gemv(x, w, b), device,
+                        weight.numel() * 2.0, 2.0 * weight.numel()))
+    return rows, ok
+
+
 # ----------------------------------------------------------------------------- tile sweep
 
 def _moe_candidates(tokens: int) -> list[MoETiling]:
@@ -381,7 +400,8 @@ def main() -> int:
         ]
     rows, ok = [], True
     for part, args in ((bench_moe, (moe_tokens, moe_checks)),
-                       (bench_attention, (attention_cases,)), (bench_rmsnorm, (norm_tokens,))):
+                       (bench_attention, (attention_cases,)), (bench_rmsnorm, (norm_tokens,)),
+                       (bench_gemv, (512 if smoke else 201088,))):
         part_rows, part_ok = part(s, device, *args)
         rows += part_rows
         ok &= part_ok

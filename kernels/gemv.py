@@ -25,6 +25,16 @@ class GemvTiling:
     num_warps: int = 4
     num_stages: int = 1
 
+    @staticmethod
+    def for_shape(num_out: int, width: int) -> "GemvTiling":
+        """Best of 54 tilings on an H100 at gpt-oss shapes, over 24 layers' weights (so
+        from HBM): q/k/v (5120 x 2880) 8 rows, 512-wide steps, 4 warps: 12.2 us (cuBLAS
+        13.1); o_proj (2880 x 4096) and lm_head (201088 x 2880) 4 rows, 1024-wide, 2 warps:
+        10.1 us (cuBLAS 14.4 with its split-K reduce) and 367 us (cuBLAS 407)."""
+        if width >= 4096 or num_out >= 65536:
+            return GemvTiling(4, 1024, 2)
+        return GemvTiling(8, 512, 4)
+
     def __post_init__(self) -> None:
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
@@ -69,7 +79,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"bias must be [{num_out}], got {tuple(bias.shape)}")
     if weight.stride(1) != 1:
         raise ValueError("weight columns must be contiguous")
-    tiling = tiling or GemvTiling()
+    tiling = tiling or GemvTiling.for_shape(num_out, width)
     x = x.contiguous()
     y = torch.empty((1, num_out), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(num_out, tiling.block_n),)](

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from kernels.attention import paged_attention, write_kv
-from kernels.gemv import GemvTiling, gemv
+from kernels.gemv import gemv
 from kernels.moe import moe_mxfp4
 from kernels.rmsnorm import rmsnorm
 from kernels.rope import rotary_embedding_
@@ -57,10 +57,7 @@ class TritonPagedAttention(AttentionBackend, RotaryBackend, NormBackend, LinearB
         if x.shape[0] != 1 or not x.is_cuda or weight.dtype not in (torch.bfloat16,
                                                                     torch.float16):
             return torch.nn.functional.linear(x, weight, bias)
-        num_out, width = weight.shape
-        wide = width >= 4096 or num_out >= 65536
-        tiling = GemvTiling(4, 1024, 2) if wide else GemvTiling(8, 512, 4)
-        return gemv(x, weight, bias, tiling)
+        return gemv(x, weight, bias)
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
