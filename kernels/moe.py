@@ -262,9 +262,10 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
     if x.stride(1) != 1:
         x = x.contiguous()  # rows may be strided (a view into a wider buffer); columns not
 
-    packed = packed_f16_buffers(x) if getattr(tiling, "tensor_cores", False) else None
+    gemv_path = isinstance(tiling, MoEGemvTiling)
+    packed = packed_f16_buffers(x) if gemv_path and tiling.tensor_cores else None
     route_weights, experts = route(x, router_weight, router_bias, top_k, packed)  # [T, k]
-    if isinstance(tiling, MoEGemvTiling):
+    if gemv_path:
         y = experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
                          gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
                          swiglu_limit, alpha, tiling, packed)        # [T * k, d] fp32
