@@ -168,7 +168,6 @@ class DecodeGraphs:
         def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.buffer = buffer
         self.num_groups = num_groups
         # A size's one-token inputs, rows: ids, positions, seq_lens, then one slot row per
         # KV group, [3 + G, S] int64: one host-to-device copy a step, from pinned memory on
@@ -218,7 +217,8 @@ class DecodeGraphs:
 
     def _staged(self, size: int) -> torch.Tensor:
         if size not in self.staged:
-            self.staged[size] = self.buffer((3 + self.num_groups, size), torch.int64)
+            self.staged[size] = torch.zeros((3 + self.num_groups, size), dtype=torch.int64,
+                                            device=self.model.device)
         return self.staged[size]
 
     def _host(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
