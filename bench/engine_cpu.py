@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from workers.engine import EngineConfig, LLMEngine
-from workers.sampling_params import SamplingParams
-from workers.tiny_model import default_model_dir
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.synthetic.tiny_model import default_model_dir
 
 
 def run(engine: LLMEngine, batch: int, prompt_len: int, gen: int, seed: int) -> dict:

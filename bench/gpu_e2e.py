@@ -1,9 +1,9 @@
 """End-to-end model speed on one GPU at gpt-oss-20b shapes, beside transformers.
 
-    PYTHONPATH=. python3 bench/gpu_e2e.py            # on a CUDA machine (~13 GB + ~42 GB peer)
-    PYTHONPATH=. python3 bench/gpu_e2e.py --smoke    # tiny shape on CPU (Triton interpreter)
-    PYTHONPATH=. python3 bench/gpu_e2e.py --no-peer  # skip transformers
-    PYTHONPATH=. python3 bench/gpu_e2e.py --profile --check-fp32   # also: kernel time per
+    python3 bench/gpu_e2e.py            # on a CUDA machine (~13 GB + ~42 GB peer)
+    python3 bench/gpu_e2e.py --smoke    # tiny shape on CPU (Triton interpreter)
+    python3 bench/gpu_e2e.py --no-peer  # skip transformers
+    python3 bench/gpu_e2e.py --profile --check-fp32   # also: kernel time per
                                                      # name; Triton vs torch in fp32
 
 Our side runs through the engine's ModelRunner (host-side step inputs, the model with the
@@ -51,14 +51,14 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-from workers.model.attention import TorchPagedAttention  # noqa: E402
-from workers.model.checkpoint_writer import hf_config_dict, tiny_config  # noqa: E402
-from workers.model.config import FULL, SLIDING, GptOssConfig  # noqa: E402
-from workers.model.gpt_oss import GptOssModel  # noqa: E402
-from workers.model.moe import TorchMoE  # noqa: E402
-from workers.model.triton_backends import TritonMoE, TritonPagedAttention  # noqa: E402
-from workers.runner import ModelRunner  # noqa: E402
-from workers.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
+from tandem.workers.engine.runner import ModelRunner  # noqa: E402
+from tandem.workers.engine.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
+from tandem.workers.model.attention import TorchPagedAttention  # noqa: E402
+from tandem.workers.model.config import FULL, SLIDING, GptOssConfig  # noqa: E402
+from tandem.workers.model.gpt_oss import GptOssModel  # noqa: E402
+from tandem.workers.model.moe import TorchMoE  # noqa: E402
+from tandem.workers.model.triton_backends import TritonMoE, TritonPagedAttention  # noqa: E402
+from tandem.workers.synthetic.checkpoint_writer import hf_config_dict, tiny_config  # noqa: E402
 
 BANDWIDTH = 3.0e12  # bytes/s, H100 device-to-device copy measured on this workplace
 MATMUL_RATE = 790e12  # FLOP/s, dense bf16 on random data

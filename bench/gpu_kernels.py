@@ -1,8 +1,8 @@
 """GPU check and first timings of the Triton kernels at gpt-oss-20b shapes.
 
-    PYTHONPATH=. python3 bench/gpu_kernels.py            # on a CUDA machine
-    PYTHONPATH=. python3 bench/gpu_kernels.py --sweep    # first: candidate tilings, profile
-    PYTHONPATH=. python3 bench/gpu_kernels.py --smoke    # tiny shapes, CPU interpreter
+    python3 bench/gpu_kernels.py            # on a CUDA machine
+    python3 bench/gpu_kernels.py --sweep    # first: candidate tilings, profile
+    python3 bench/gpu_kernels.py --smoke    # tiny shapes, CPU interpreter
 
 Checks every kernel against its fp32 torch reference with bf16 bounds, then times them
 (CUDA events, median after warm-up; L2 flushed between runs by triton's do_bench) and
@@ -28,15 +28,15 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-from kernels.attention import (  # noqa: E402
+from tandem.kernels.attention import (  # noqa: E402
     AttentionTiling,
     paged_attention,
     paged_attention_reference,
     write_kv,
 )
-from kernels.gemv import gemv, gemv_reference  # noqa: E402
-from kernels.moe import MoETiling, moe_mxfp4, moe_mxfp4_reference, route  # noqa: E402
-from kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
+from tandem.kernels.gemv import gemv, gemv_reference  # noqa: E402
+from tandem.kernels.moe import MoETiling, moe_mxfp4, moe_mxfp4_reference, route  # noqa: E402
+from tandem.kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
 
 BANDWIDTH = 3.0e12   # bytes/s, H100 device-to-device copy measured on this workplace
 MATMUL_RATE = 790e12  # FLOP/s, dense bf16 on random data

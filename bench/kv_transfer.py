@@ -1,7 +1,7 @@
 """KV transfer GPU0 (prefill) -> GPU1 (decode) over NCCL at gpt-oss-20b shapes.
 
-    PYTHONPATH=. python3 bench/kv_transfer.py             # two CUDA GPUs
-    PYTHONPATH=. python3 bench/kv_transfer.py --cpu       # gloo, small prompts: script check
+    python3 bench/kv_transfer.py             # two CUDA GPUs
+    python3 bench/kv_transfer.py --cpu       # gloo, small prompts: script check
 
 Two processes, one per GPU, drive `KVSender` / `KVReceiver` directly (no Ray); this process
 only relays tickets (JSON) between them. gpt-oss-20b KV: 24 layers alternating sliding
@@ -58,7 +58,7 @@ for _name, _value in (
 
 import torch  # noqa: E402
 
-from workers.transfer import (  # noqa: E402
+from tandem.workers.disagg.transfer import (  # noqa: E402
     KVLayout,
     KVReceiver,
     KVSender,
@@ -68,7 +68,7 @@ from workers.transfer import (  # noqa: E402
     packed_nbytes,
     unpack_layer,
 )
-from workers.transfer.pair import (  # noqa: E402
+from tandem.workers.disagg.transfer.pair import (  # noqa: E402
     RECEIVER_RANK,
     SENDER_RANK,
     PairGroup,

@@ -20,7 +20,7 @@ IngressPlacement whose hash cache is kept, and stored on the decode replica plac
 chose (its blocks leave the index after the timed call, so the index stays at its size);
 then the turn (+ 20..400 tokens) is timed.
 Prints p50 / p90 / p99 / max per prompt kind and overall, for place() and for place()
-less the time its prompt hashing takes (workers.kv.block_hash, about 1 us a block in
+less the time its prompt hashing takes (tandem.workers.kv.block_hash, about 1 us a block in
 Python, for the blocks the hash cache did not hold; it grows with the cached prefix, the
 rest does not), and the machine's load average before and after (other jobs on a shared
 machine show in p99). No Redis, no Ray: the stream reader is never asked to read.
@@ -35,11 +35,11 @@ import random
 import statistics
 import time
 
-from cluster.index_feeder import PrefixIndexFeeder
-from cluster.placement import IngressPlacement, PlacementConfig
-from router.policies import DisaggRule, PrefixAware, PrefixAwareConfig
-from router.prefix_index import FULL, SLIDING, prompt_block_hashes
-from workers.control_plane import (
+from tandem.cluster.index_feeder import PrefixIndexFeeder
+from tandem.cluster.placement import IngressPlacement, PlacementConfig
+from tandem.router.policies import DisaggRule, PrefixAware, PrefixAwareConfig
+from tandem.router.prefix_index import FULL, SLIDING, prompt_block_hashes
+from tandem.workers.control_plane import (
     KVEvent,
     KVEventEntry,
     KVEventReader,
@@ -47,7 +47,7 @@ from workers.control_plane import (
     WorkerInfo,
     WorkerLoad,
 )
-from workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_hash import hash_prompt_blocks
 
 
 def _workers(n: int, rng: random.Random) -> list[WorkerInfo]:

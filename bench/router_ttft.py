@@ -1,10 +1,10 @@
 """TTFT and throughput by placement policy, on the multi-turn chat workload.
 
-    .venv/bin/python bench/router_ttft.py [--policies prefix_aware,round_robin,least_loaded]
+    .venv/bin/python -m bench.router_ttft [--policies prefix_aware,round_robin,least_loaded]
         [--hidden 256] [--layers 4] [--conversations 24] [--turns 5]
 
 For each policy a fresh cluster (local Ray, private Redis, 2 ingress + 2 prefill +
-3 decode replicas on CPU, tests/cluster_fixtures.py) serves the same workload: many
+3 decode replicas on CPU, tests/support/cluster.py) serves the same workload: many
 conversations at once, each turn the previous prompt + the generated answer + a new user
 message, with think time between turns (ChatWorkload). The policy applies to both pools;
 the disaggregation decision is the router's for every policy. Reported: client TTFT
@@ -28,7 +28,6 @@ import json
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -36,15 +35,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from cluster_fixtures import ChatWorkload, hit_rate, run_chat_workload, serve_cluster  # noqa: E402
-
-from workers.engine import EngineConfig, LLMEngine  # noqa: E402
-from workers.model.checkpoint_writer import write_random_checkpoint  # noqa: E402
-from workers.model.config import load_config  # noqa: E402
-from workers.sampling_params import SamplingParams  # noqa: E402
-from workers.tiny_model import default_model_dir  # noqa: E402
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from tandem.workers.engine.sampling_params import SamplingParams  # noqa: E402
+from tandem.workers.model.config import load_config  # noqa: E402
+from tandem.workers.synthetic.checkpoint_writer import write_random_checkpoint  # noqa: E402
+from tandem.workers.synthetic.tiny_model import default_model_dir  # noqa: E402
+from tests.support.cluster import ChatWorkload, hit_rate, run_chat_workload, serve_cluster  # noqa: E402
 
 ENGINE = {
     "device": "cpu",

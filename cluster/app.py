@@ -14,7 +14,7 @@ Serve replica id, heartbeats its load, publishes its KV block events and exports
 metrics (WorkerPresence). A deployment's `check_health` runs a no-op through its engine
 loop, so Serve replaces a replica whose engine is stuck.
 
-`build_app(args)` is the import path Ray Serve configs name (cluster.app:build_app): it
+`build_app(args)` is the import path Ray Serve configs name (tandem.cluster.app:build_app): it
 builds with the code's deployment defaults, and Serve applies the config's `deployments`
 section on top. `build_application(AppConfig)` applies that section itself, for
 `tandem serve`, which deploys with serve.run.
@@ -37,10 +37,10 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.backend import ModelCard
-from cluster.api.server import ServerConfig, TandemServer
-from cluster.cluster_backend import ClusterBackend
-from cluster.config import (
+from tandem.cluster.api.backend import ModelCard
+from tandem.cluster.api.server import ServerConfig, TandemServer
+from tandem.cluster.cluster_backend import ClusterBackend
+from tandem.cluster.config import (
     DECODE,
     INGRESS,
     PREFILL,
@@ -48,18 +48,18 @@ from cluster.config import (
     TandemSettings,
     parse_args,
 )
-from cluster.metrics import IngressMetrics, WorkerMetrics
-from cluster.routing import PinnedReplicaRouter
-from workers.control_plane import (
+from tandem.cluster.metrics import IngressMetrics, WorkerMetrics
+from tandem.cluster.routing import PinnedReplicaRouter
+from tandem.workers.control_plane import (
     KVEventPublisher,
     WorkerCapacity,
     WorkerInfo,
     WorkerRegistry,
 )
-from workers.disagg import DecodeWorker, PrefillWorker
-from workers.engine import ModelFacts
-from workers.model.config import load_config
-from workers.tokenizer import Tokenizer
+from tandem.workers.disagg.roles import DecodeWorker, PrefillWorker
+from tandem.workers.engine.llm_engine import ModelFacts
+from tandem.workers.model.config import load_config
+from tandem.workers.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,8 @@ class DecodeServer(_WorkerServer):
     async def generate(
         self, request_json: str, prefill_replica: str = "", tandem_replica: str = ""
     ) -> AsyncIterator[str]:
-        """Stream JSON deltas (workers.disagg.encode_delta); `prefill_replica` names the
-        prefill replica placement chose, "" to prefill here."""
+        """Stream JSON deltas (tandem.workers.disagg.roles.encode_delta); `prefill_replica`
+        names the prefill replica placement chose, "" to prefill here."""
         prefill = self._pinned_prefill(prefill_replica) if prefill_replica else None
         async for delta in self.worker.generate(request_json, prefill, prefill_replica):
             yield delta

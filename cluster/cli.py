@@ -6,6 +6,7 @@
     tandem serve    [--model DIR] [--config FILE] [--prefill N] [--decode M] [--host H]
                     [--grpc-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
     tandem client   [--target HOST:PORT] (--prompt TEXT | --chat TEXT | --health) ...
+    tandem proto    (prints the gRPC API's .proto, for clients in other languages)
 
 Every command that takes `--model` uses the embedded tiny model when none is given.
 """
@@ -17,7 +18,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cluster import client_cli
+from tandem.cluster import client_cli
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -33,7 +34,7 @@ def _parse_ids(text: str, where: str) -> list[int]:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from workers.tiny_model import make_tiny_model
+    from tandem.workers.synthetic.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.dir, seed=args.seed)
     print(f"wrote the tiny gpt-oss checkpoint to {out}")
@@ -58,9 +59,9 @@ def _read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from workers.engine import EngineConfig, LLMEngine
-    from workers.sampling_params import SamplingParams, SamplingParamsError
-    from workers.tiny_model import resolve_model_dir
+    from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+    from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
+    from tandem.workers.synthetic.tiny_model import resolve_model_dir
 
     try:
         params = SamplingParams(
@@ -89,9 +90,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.serve_cmd import run_serve
+    from tandem.cluster.serve_cmd import run_serve
 
     return run_serve(args)
+
+
+def _cmd_proto(args: argparse.Namespace) -> int:
+    from tandem.cluster.api import PROTO_RESOURCE
+
+    print(PROTO_RESOURCE.read_text(encoding="utf-8"), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default=None, help="engine device of both pools")
     serve.set_defaults(run=_cmd_serve)
+
+    proto = sub.add_parser("proto", help="print the gRPC API's .proto (tandem.v1)")
+    proto.set_defaults(run=_cmd_proto)
 
     client_cli.register(sub)
     return parser

@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from cluster.api.gen import tandem_pb2 as pb
-from cluster.api.gen import tandem_pb2_grpc
+from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.api.gen import tandem_pb2_grpc
 
 _REASONING_EFFORTS = {
     None: pb.REASONING_EFFORT_UNSPECIFIED,

@@ -22,9 +22,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from cluster.api import DEFAULT_GRPC_PORT
-from cluster.api.gen import tandem_pb2 as pb
-from cluster.client import TandemClient
+from tandem.cluster.api import DEFAULT_GRPC_PORT
+from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.client import TandemClient
 
 DEFAULT_API_KEY_ENV = "TANDEM_API_KEY"
 

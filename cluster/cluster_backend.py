@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledE
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from cluster.api.backend import (
+from tandem.cluster.api.backend import (
     BackendUnavailable,
     GenerationBackend,
     GenerationDelta,
@@ -44,24 +44,24 @@ from cluster.api.backend import (
     QueueFull,
     ServedBy,
 )
-from cluster.config import TandemSettings
-from cluster.index_feeder import PrefixIndexFeeder
-from cluster.metrics import IngressMetrics
-from cluster.placement import IngressPlacement, PlacementConfig
-from cluster.routing import PIN_KWARG
-from router.load import LoadView
-from router.policies import DisaggRule, Placement, make_policy
-from workers.control_plane import (
+from tandem.cluster.config import TandemSettings
+from tandem.cluster.index_feeder import PrefixIndexFeeder
+from tandem.cluster.metrics import IngressMetrics
+from tandem.cluster.placement import IngressPlacement, PlacementConfig
+from tandem.cluster.routing import PIN_KWARG
+from tandem.router.load import LoadView
+from tandem.router.policies import DisaggRule, Placement, make_policy
+from tandem.workers.control_plane import (
     ControlPlaneUnavailable,
     KVEventReader,
     WorkerInfo,
     WorkerRegistry,
 )
-from workers.disagg import GenerateMessage, ServedInfo, decode_delta
-from workers.model.config import GptOssConfig
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParamsError
-from workers.tokenizer import Tokenizer
+from tandem.workers.disagg.roles import GenerateMessage, ServedInfo, decode_delta
+from tandem.workers.engine.outputs import RequestOutput
+from tandem.workers.engine.sampling_params import SamplingParamsError
+from tandem.workers.model.config import GptOssConfig
+from tandem.workers.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

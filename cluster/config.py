@@ -3,7 +3,7 @@
     proxy_location: Disabled            # Serve's HTTP proxy is not used: gRPC is ours
     applications:
       - name: tandem
-        import_path: cluster.app:build_app
+        import_path: tandem.cluster.app:build_app
         route_prefix: null
         args: {...}                     # tandem's settings: TandemArgs below
         deployments:                    # Ray's DeploymentSchema, one per deployment
@@ -29,6 +29,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,16 +37,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-from cluster.api import DEFAULT_GRPC_PORT
-from router.policies import DisaggRule, PrefixAwareConfig
-from workers.disagg import DisaggConfig
-from workers.engine import EngineConfig
+from tandem.cluster.api import DEFAULT_GRPC_PORT
+from tandem.router.policies import DisaggRule, PrefixAwareConfig
+from tandem.workers.disagg.roles import DisaggConfig
+from tandem.workers.engine.llm_engine import EngineConfig
 
-APP_IMPORT_PATH = "cluster.app:build_app"
+APP_IMPORT_PATH = "tandem.cluster.app:build_app"
 INGRESS, PREFILL, DECODE = "Ingress", "PrefillServer", "DecodeServer"
 DEPLOYMENT_NAMES: tuple[str, ...] = (INGRESS, PREFILL, DECODE)
-# The config `tandem serve` runs when given no --config.
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "serve-config.yaml"
+# The config `tandem serve` runs when given no --config: deploy/serve-config.yaml, shipped
+# as package data of tandem.deploy so that an installed wheel finds it too.
+DEFAULT_CONFIG_PATH = resources.files("tandem.deploy").joinpath("serve-config.yaml")
 PolicyName = Literal["least_loaded", "round_robin", "prefix_aware"]
 
 
@@ -67,7 +69,7 @@ class _Strict(BaseModel):
 
 
 class EngineArgs(_Strict):
-    """workers.engine.EngineConfig; fields left out keep EngineConfig's defaults."""
+    """tandem.workers.engine.llm_engine.EngineConfig; fields left out keep its defaults."""
 
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -97,7 +99,7 @@ class DisaggArgs(_Strict):
 
 
 class PrefixAwareArgs(_Strict):
-    """router.policies.PrefixAwareConfig of one pool (the prefill pool's defaults)."""
+    """tandem.router.policies.PrefixAwareConfig of one pool (the prefill pool's defaults)."""
 
     prompt_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     queued_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
@@ -135,7 +137,7 @@ class IngressArgs(_Strict):
 
 
 class TandemArgs(_Strict):
-    """The `args` of the application: what cluster.app:build_app receives."""
+    """The `args` of the application: what tandem.cluster.app:build_app receives."""
 
     cluster_name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model: str | None = None
@@ -180,7 +182,7 @@ class PlacementSettings:
     # The prefix-aware policy's cost weights and imbalance bound, per pool.
     skip_prefill_cached_fraction: float = 0.5
     # The decode replica prefills a prompt it holds at least this fraction of
-    # (router.policies.DisaggRule).
+    # (tandem.router.policies.DisaggRule).
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ class TandemSettings:
 
     def resolve_model_dir(self) -> Path:
         """The checkpoint directory; the embedded tiny model is made on first use."""
-        from workers.tiny_model import resolve_model_dir
+        from tandem.workers.synthetic.tiny_model import resolve_model_dir
 
         return resolve_model_dir(self.model_dir)
 

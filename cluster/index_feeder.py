@@ -26,8 +26,8 @@ import hashlib
 import logging
 from collections.abc import Iterable
 
-from router.prefix_index import PrefixIndex
-from workers.control_plane import ControlPlaneUnavailable, KVEventEntry, KVEventReader
+from tandem.router.prefix_index import PrefixIndex
+from tandem.workers.control_plane import ControlPlaneUnavailable, KVEventEntry, KVEventReader
 
 log = logging.getLogger(__name__)
 

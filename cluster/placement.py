@@ -23,12 +23,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from cluster.index_feeder import PrefixIndexFeeder
-from cluster.metrics import RouterMetrics
-from router.hash_cache import HashCacheConfig, PromptHashCache
-from router.load import InFlight, LoadView, ReplicaMemo, WorkerRecord
-from router.policies import DisaggRule, Placement, PlacementPolicy, place
-from router.prefix_index import sliding_blocks
+from tandem.cluster.index_feeder import PrefixIndexFeeder
+from tandem.cluster.metrics import RouterMetrics
+from tandem.router.hash_cache import HashCacheConfig, PromptHashCache
+from tandem.router.load import InFlight, LoadView, ReplicaMemo, WorkerRecord
+from tandem.router.policies import DisaggRule, Placement, PlacementPolicy, place
+from tandem.router.prefix_index import sliding_blocks
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from workers.control_plane import redact_url
+from tandem.workers.control_plane import redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import signal
 from contextlib import ExitStack
 from dataclasses import replace
 
-from cluster.config import AppConfig, ConfigError, ConfigOverrides, load_app_config
+from tandem.cluster.config import AppConfig, ConfigError, ConfigOverrides, load_app_config
 
 
 def overrides_from_args(args: argparse.Namespace) -> ConfigOverrides:
@@ -85,8 +85,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import build_application
-    from cluster.redis_server import LocalRedis
+    from tandem.cluster.app import build_application
+    from tandem.cluster.redis_server import LocalRedis
 
     _on_stop_signals(_stop)
     try:

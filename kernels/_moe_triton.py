@@ -28,7 +28,7 @@ operand) measured 2-3x slower at every batch size (bench/RESULTS.md).
 import triton
 import triton.language as tl
 
-from kernels._moe_gemv_triton import _pack_groups, _store_packed
+from tandem.kernels._moe_gemv_triton import _pack_groups, _store_packed
 
 # Doubled E2M1 magnitudes [0, 0.5, 1, 1.5, 2, 3, 4, 6] * 2 = [0, 1, 2, 3, 4, 6, 8, 12],
 # one per 4-bit lane: a 16-entry table lookup becomes a shift and a mask.

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-# torch.finfo(torch.float32).tiny: the race's draws are clamped to it, as in workers/sampler.py.
+# torch.finfo(torch.float32).tiny: the race's draws are clamped to it, as in
+# workers/engine/sampler.py.
 _TINY = tl.constexpr(1.1754943508222875e-38)
 # Bits of 1.0f, the largest e = exp(s - max) can be.
 _ONE_BITS = tl.constexpr(0x3F800000)

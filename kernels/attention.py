@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels._attention_triton import (
+from tandem.kernels._attention_triton import (
     LOG2E,
     _merge_splits_kernel,
     _paged_attention_kernel,

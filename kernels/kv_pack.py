@@ -24,7 +24,7 @@ import math
 import torch
 import triton
 
-from kernels._kv_pack_triton import _kv_blocks_copy_kernel
+from tandem.kernels._kv_pack_triton import _kv_blocks_copy_kernel
 
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # Words one program moves per cache (8 KiB as int64: half a gpt-oss block of 16 tokens).

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels._moe_triton import (
+from tandem.kernels._moe_triton import (
     _combine_kernel,
     _count_kernel,
     _down_kernel,
@@ -36,7 +36,7 @@ from kernels._moe_triton import (
     _router_partial_kernel,
     _scatter_kernel,
 )
-from kernels.moe_gemv import (  # noqa: F401 - part of this module's public API
+from tandem.kernels.moe_gemv import (  # noqa: F401 - part of this module's public API
     GEMV_MAX_PAIRS,
     GEMV_MMA_MAX_PAIRS,
     MoEGemvTiling,
@@ -45,7 +45,7 @@ from kernels.moe_gemv import (  # noqa: F401 - part of this module's public API
     packed_f16_buffers,
     swiglu_f16_exponent,
 )
-from kernels.mxfp4 import dequantize_mxfp4
+from tandem.kernels.mxfp4 import dequantize_mxfp4
 
 SWIGLU_ALPHA = 1.702
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels._moe_gemv_triton import (
+from tandem.kernels._moe_gemv_triton import (
     _down_gemv_kernel,
     _down_gemv_mma_kernel,
     _gate_up_swiglu_gemv_kernel,

@@ -23,7 +23,7 @@ the bottom.
 import torch
 import triton
 
-from kernels._rope_triton import _rope_qk_kernel
+from tandem.kernels._rope_triton import _rope_qk_kernel
 
 # Elements of one half (head tile x D/2) a program rotates; 16 heads of a 64-wide head.
 _TILE_ELEMENTS = 512

@@ -1,6 +1,6 @@
 """Top-k / top-p / min-p sampling of one token per row, without sorting the vocabulary.
 
-Semantics (vLLM's order, those of workers/sampler.py), per row of fp32 logits x [V]:
+Semantics (vLLM's order, those of workers/engine/sampler.py), per row of fp32 logits x [V]:
 
     temperature 0:  argmax x (first index among ties); the row's noise is never read
     otherwise:      s = x / temperature
@@ -12,7 +12,7 @@ Semantics (vLLM's order, those of workers/sampler.py), per row of fp32 logits x 
                     token = argmax over kept v of prob_v / max(E_v, tiny)   (first index)
 
 E [B, V] is the caller's Exp(1) noise, drawn row by row from each row's own generator
-(workers/sampler.py: `exponential_noise`); the kernel only reads it, so seeds and batch
+(workers/engine/sampler.py: `exponential_noise`); the kernel only reads it, so seeds and batch
 invariance stay where they were. Ties: every token equal to a threshold value is kept (the
 k-th largest s, the smallest probability of the nucleus), exactly as the sort-based torch
 path keeps them.
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels._sampling_triton import (
+from tandem.kernels._sampling_triton import (
     _merge_kernel,
     _race_kernel,
     _search_kernel,

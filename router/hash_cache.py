@@ -4,7 +4,7 @@ new blocks.
 A turn's prompt extends the previous turn's prompt, which this ingress usually placed,
 and hashing it from scratch costs ~1 us a block on the request path. The cache keeps the
 chains it computed in a radix tree over whole blocks: an edge holds a run of blocks'
-token ids, encoded as the hash encodes them (bytes, workers.kv.block_hash.encode_tokens),
+token ids, encoded as the hash encodes them (bytes, tandem.workers.kv.block_hash.encode_tokens),
 and their hashes, and is keyed under its parent by its first block's encoding. A lookup
 encodes the prompt once (the hashes it lacks are computed from that same encoding) and
 walks from the root comparing it with each edge (one memcmp an edge), so a hash is
@@ -37,7 +37,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from workers.kv.block_hash import (
+from tandem.workers.kv.block_hash import (
     BLOCK_HASH_BYTES,
     BlockHash,
     encode_tokens,
@@ -144,7 +144,7 @@ class PromptChain:
 
 
 class PromptHashCache:
-    """Recent prompts' chained block hashes (workers.kv.block_hash, no salt), for one
+    """Recent prompts' chained block hashes (tandem.workers.kv.block_hash, no salt), for one
     block size. Not thread-safe: one event loop calls it.
 
         chain = cache.chain(prompt, num_blocks)   # the cached hashes, the rest lazily

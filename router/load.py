@@ -44,7 +44,7 @@ class _Capacity(Protocol):
 
 
 class WorkerRecord(Protocol):
-    """What LoadView reads of a registry record (workers.control_plane.WorkerInfo)."""
+    """What LoadView reads of a registry record (tandem.workers.control_plane.WorkerInfo)."""
 
     replica_id: str
     role: str

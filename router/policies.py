@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from router.load import LoadView, ReplicaLoad
+from tandem.router.load import LoadView, ReplicaLoad
 
 
 @dataclass(frozen=True)

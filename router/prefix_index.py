@@ -2,7 +2,7 @@
 
 The index is built only from the workers' own block events (stored / removed / reset,
 read from their Redis streams by the cluster layer), keyed by the chained block hashes
-the engine computes (workers.kv.block_hash), so it never guesses. A prompt's hashes are
+the engine computes (tandem.workers.kv.block_hash), so it never guesses. A prompt's hashes are
 computed with the same function; a worker's cached prefix is then the longest run of
 leading hashes it holds in the full-attention group, shortened until the sliding group
 also holds the window before it, which is exactly the engine's own rule:
@@ -36,8 +36,8 @@ from collections.abc import Iterable, Sequence
 from functools import reduce
 from operator import or_
 
-from router.hash_cache import PromptHashCache
-from workers.kv.block_hash import BlockHash, iter_block_hashes
+from tandem.router.hash_cache import PromptHashCache
+from tandem.workers.kv.block_hash import BlockHash, iter_block_hashes
 
 FULL = "full"
 SLIDING = "sliding"

@@ -21,7 +21,7 @@ if not _has_cuda:
 import pytest  # noqa: E402
 
 try:  # the GPU machine has no redis client; tests needing Redis do not run there
-    from redis_fixture import private_redis, redis_server, redis_url  # noqa: F401
+    from tests.support.redis_fixtures import private_redis, redis_server, redis_url  # noqa: F401
 except ImportError:
     pass
 
@@ -29,6 +29,6 @@ except ImportError:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The embedded default checkpoint, written once per test session (not to ~/.cache)."""
-    from workers.tiny_model import make_tiny_model
+    from tandem.workers.synthetic.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))

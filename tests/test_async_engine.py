@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from workers.async_engine import AsyncLLMEngine
-from workers.engine import EngineConfig, LLMEngine
-from workers.sampling_params import SamplingParams
+from tandem.workers.engine.async_engine import AsyncLLMEngine
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from workers.kv.block_hash import (
+from tandem.workers.kv.block_hash import (
     BLOCK_HASH_BYTES,
     encode_tokens,
     hash_block,
@@ -92,7 +92,7 @@ def test_rejects_bad_inputs():
 
 def test_stable_across_processes_and_hash_seeds():
     code = (
-        "from workers.kv.block_hash import hash_prompt_blocks;"
+        "from tandem.workers.kv.block_hash import hash_prompt_blocks;"
         "print(b''.join(hash_prompt_blocks(list(range(40)), 8, b'm')).hex())"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

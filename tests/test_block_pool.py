@@ -2,8 +2,8 @@
 
 import pytest
 
-from workers.kv.block_hash import hash_block
-from workers.kv.block_pool import BlockPool, BlockRemoved, BlockStored
+from tandem.workers.kv.block_hash import hash_block
+from tandem.workers.kv.block_pool import BlockPool, BlockRemoved, BlockStored
 
 BS = 4
 

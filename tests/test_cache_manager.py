@@ -4,11 +4,11 @@ import itertools
 
 import pytest
 
-from workers.kv import block_hash
-from workers.kv.block_hash import hash_prompt_blocks
-from workers.kv.block_pool import BlockRemoved, BlockStored
-from workers.kv.cache_manager import KVCacheManager, KVGroup
-from workers.request import Request
+from tandem.workers.engine.request import Request
+from tandem.workers.kv import block_hash
+from tandem.workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_pool import BlockRemoved, BlockStored
+from tandem.workers.kv.cache_manager import KVCacheManager, KVGroup
 
 BS = 8
 WINDOW = 16

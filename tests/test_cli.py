@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from workers.engine import EngineConfig, LLMEngine
-from workers.sampling_params import SamplingParams
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.sampling_params import SamplingParams
 
 
 def tandem(*args: str, env_cache=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "tandem.cluster.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,

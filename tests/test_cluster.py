@@ -3,19 +3,16 @@ decode + 1 ingress replicas of the tiny model on CPU, gRPC over loopback.
 
 One cluster for the whole module (starting Ray and five replicas costs most of the
 module's time). The test that kills a prefill replica runs last. References are the
-in-process engine (workers.engine.LLMEngine) on the same checkpoint and engine settings:
-every cluster output must equal it token for token.
+in-process engine (tandem.workers.engine.llm_engine.LLMEngine) on the same checkpoint and
+engine settings: every cluster output must equal it token for token.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,16 +27,17 @@ import redis
 import yaml
 from ray import serve
 
-from cluster.api.gen import tandem_pb2 as pb
-from cluster.api.gen import tandem_pb2_grpc
-from cluster.api.server import FIELD_METADATA_KEY
-from cluster.app import build_application
-from cluster.client import TandemClient
-from cluster.config import DECODE, PREFILL, parse_app_config
-from cluster.redis_server import LocalRedis
-from workers.control_plane import KeySpace, WorkerRegistry
-from workers.engine import EngineConfig, LLMEngine
-from workers.sampling_params import SamplingParams
+from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.api.gen import tandem_pb2_grpc
+from tandem.cluster.api.server import FIELD_METADATA_KEY
+from tandem.cluster.app import build_application
+from tandem.cluster.client import TandemClient
+from tandem.cluster.config import DECODE, PREFILL, parse_app_config
+from tandem.cluster.redis_server import LocalRedis
+from tandem.workers.control_plane import KeySpace, WorkerRegistry
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.sampling_params import SamplingParams
+from tests.support.serve_process import serve_process
 
 APP = "tandem-test"
 CLUSTER_NAME = "test"
@@ -71,7 +69,7 @@ def _config(model_dir, redis_url: str | None, port: int) -> dict:
         "applications": [
             {
                 "name": APP,
-                "import_path": "cluster.app:build_app",
+                "import_path": "tandem.cluster.app:build_app",
                 "route_prefix": None,
                 "args": {
                     "cluster_name": CLUSTER_NAME,
@@ -243,29 +241,11 @@ def test_tandem_serve_runs_the_cluster_and_shuts_down_cleanly(tmp_path, tiny_mod
     config_path.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "TANDEM_REDIS_URL"}
     env["TANDEM_API_KEY"] = "test-key-42"
-    command = [sys.executable, "-m", "cluster.cli", "serve", "--config", str(config_path)]
+    command = [sys.executable, "-m", "tandem.cluster.cli", "serve", "--config", str(config_path)]
     command += ["--model", str(tiny_model_dir), "--prefill", "1", "--decode", "1"]
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("tandem: gRPC on"):
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert ready.wait(180), "".join(lines[-40:])
+    with serve_process(command, env) as server:
+        server.wait_ready(180)
+        lines = server.lines
         assert f"tandem: gRPC on 127.0.0.1:{port}\n" in lines
         [redis_line] = [ln for ln in lines if ln.startswith("tandem: private redis-server on")]
         redis_port = int(redis_line.rsplit(":", 1)[1].split("/")[0])
@@ -277,13 +257,7 @@ def test_tandem_serve_runs_the_cluster_and_shuts_down_cleanly(tmp_path, tiny_mod
         with TandemClient(f"127.0.0.1:{port}", api_key="test-key-42") as client:
             result = stream(client, list(range(40, 80)), max_tokens=4, **GREEDY)
             assert len(result.token_ids) == 4 and result.last.served_by.prefill_replica
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(90) == 0, "".join(lines[-40:])
-    finally:
-        # Whatever of the session is left after a failure (Ray, the private redis-server).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert server.stop() == 0, server.tail()
     assert "tandem: shutting down\n" in lines
     for stopped_port in (port, redis_port):
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import (
+from tandem.cluster.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
     ConfigOverrides,
@@ -17,8 +17,8 @@ from cluster.config import (
     load_app_config,
     parse_app_config,
 )
-from workers.disagg import DisaggConfig
-from workers.engine import EngineConfig
+from tandem.workers.disagg.roles import DisaggConfig
+from tandem.workers.engine.llm_engine import EngineConfig
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +92,14 @@ def test_overrides_apply_on_top_of_the_file(shipped):
 
 def test_missing_sections_take_defaults():
     config = parse_app_config(
-        {"applications": [{"name": "t", "import_path": "cluster.app:build_app"}]}
+        {"applications": [{"name": "t", "import_path": "tandem.cluster.app:build_app"}]}
     )
     assert config.settings.prefill_engine == EngineConfig()
     assert config.settings.disagg == DisaggConfig()
     assert all(d.options() == {} for d in config.deployments.values())
     # A replica count given only on the command line creates the deployment's entry.
     config = parse_app_config(
-        {"applications": [{"name": "t", "import_path": "cluster.app:build_app"}]},
+        {"applications": [{"name": "t", "import_path": "tandem.cluster.app:build_app"}]},
         overrides=ConfigOverrides(prefill_replicas=4),
     )
     assert config.deployments["PrefillServer"].options() == {"num_replicas": 4}
@@ -253,7 +253,7 @@ def test_build_app_accepts_args_and_refuses_bad_ones():
     """The import path Serve configs name builds from `args` alone, validating them."""
     from ray.serve import Application
 
-    from cluster.app import build_app, build_application
+    from tandem.cluster.app import build_app, build_application
 
     assert isinstance(build_app({}), Application)
     assert isinstance(build_application(load_app_config()), Application)

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from cluster.redis_server import LocalRedis
-from workers.control_plane import (
+from tandem.cluster.redis_server import LocalRedis
+from tandem.workers.control_plane import (
     ControlPlaneUnavailable,
     KeySpace,
     KVEvent,

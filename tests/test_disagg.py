@@ -8,9 +8,15 @@ import random
 
 import pytest
 
-from workers.disagg import DecodeWorker, DisaggConfig, GenerateMessage, PrefillWorker, decode_delta
-from workers.engine import EngineConfig, LLMEngine
-from workers.sampling_params import SamplingParams
+from tandem.workers.disagg.roles import (
+    DecodeWorker,
+    DisaggConfig,
+    GenerateMessage,
+    PrefillWorker,
+    decode_delta,
+)
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.sampling_params import SamplingParams
 
 CONFIG = EngineConfig(device="cpu", block_size=8, kv_cache_tokens=4096, max_num_batched_tokens=128)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from hf_reference import hf_greedy
 
-from workers.engine import EngineConfig, LLMEngine
-from workers.kv.block_hash import hash_prompt_blocks
-from workers.kv.block_pool import BlockRemoved, BlockStored
-from workers.sampling_params import SamplingParams, SamplingParamsError
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
+from tandem.workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_pool import BlockRemoved, BlockStored
+from tests.support.hf_reference import hf_greedy
 
 BLOCK = 8
 

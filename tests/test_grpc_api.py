@@ -26,9 +26,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster import client_cli
-from cluster.api import convert
-from cluster.api.backend import (
+from tandem.cluster import client_cli
+from tandem.cluster.api import convert
+from tandem.cluster.api.backend import (
     GenerationBackend,
     GenerationDelta,
     GenerationRequest,
@@ -37,15 +37,20 @@ from cluster.api.backend import (
     InProcessBackendConfig,
     ModelCard,
 )
-from cluster.api.gen import tandem_pb2 as pb
-from cluster.api.server import ServerConfig, TandemServer
-from cluster.client import TandemClient
-from workers.async_engine import AsyncLLMEngine
-from workers.engine import EngineConfig, LLMEngine
-from workers.harmony import Conversation, HarmonyStreamParser, Message, render_conversation
-from workers.outputs import RequestOutput, Timings, Usage
-from workers.sampling_params import SamplingParams
-from workers.tiny_model import default_model_dir
+from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.api.server import ServerConfig, TandemServer
+from tandem.cluster.client import TandemClient
+from tandem.workers.engine.async_engine import AsyncLLMEngine
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.outputs import RequestOutput, Timings, Usage
+from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.synthetic.tiny_model import default_model_dir
+from tandem.workers.text.harmony import (
+    Conversation,
+    HarmonyStreamParser,
+    Message,
+    render_conversation,
+)
 
 MAX_MODEL_LEN = 256
 ENGINE_CONFIG = EngineConfig(
@@ -906,7 +911,7 @@ def test_cli_errors_and_api_key_env(served, loop_thread, monkeypatch, capsys):
 def test_client_imports_without_the_engine():
     # Client machines need grpc and protobuf only; a fresh interpreter shows what loads.
     code = (
-        "import sys, cluster.client, cluster.client_cli; "
+        "import sys, tandem.cluster.client, tandem.cluster.client_cli; "
         "print(sorted(m for m in ('torch', 'workers', 'tokenizers') if m in sys.modules))"
     )
     repo = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from workers.harmony import (
+from tandem.workers.synthetic.tokenizer_training import train_tiny_tokenizer
+from tandem.workers.text.harmony import (
     ContentDelta,
     Conversation,
     HarmonyStreamParser,
@@ -26,9 +27,8 @@ from workers.harmony import (
     render_conversation,
     render_message,
 )
-from workers.harmony.parse import parse_header
-from workers.tokenizer import Tokenizer
-from workers.tokenizer_training import train_tiny_tokenizer
+from tandem.workers.text.harmony.parse import parse_header
+from tandem.workers.text.tokenizer import Tokenizer
 
 IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 CHANNELS_LINE = (

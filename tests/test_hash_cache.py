@@ -7,13 +7,19 @@ import random
 
 import pytest
 
-import router.hash_cache as hash_cache_module
-from cluster.index_feeder import PrefixIndexFeeder
-from cluster.placement import IngressPlacement, PlacementConfig
-from router.hash_cache import HASH_BYTES, TOKEN_BYTES, HashCacheConfig, PromptHashCache
-from router.policies import DisaggRule, PrefixAware, PrefixAwareConfig
-from router.prefix_index import FULL, SLIDING, PrefixIndex, prompt_block_hashes, usable_blocks
-from workers.control_plane import (
+import tandem.router.hash_cache as hash_cache_module
+from tandem.cluster.index_feeder import PrefixIndexFeeder
+from tandem.cluster.placement import IngressPlacement, PlacementConfig
+from tandem.router.hash_cache import HASH_BYTES, TOKEN_BYTES, HashCacheConfig, PromptHashCache
+from tandem.router.policies import DisaggRule, PrefixAware, PrefixAwareConfig
+from tandem.router.prefix_index import (
+    FULL,
+    SLIDING,
+    PrefixIndex,
+    prompt_block_hashes,
+    usable_blocks,
+)
+from tandem.workers.control_plane import (
     KVEvent,
     KVEventEntry,
     KVEventReader,
@@ -21,7 +27,7 @@ from workers.control_plane import (
     WorkerInfo,
     WorkerLoad,
 )
-from workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_hash import hash_prompt_blocks
 
 BS = 4
 

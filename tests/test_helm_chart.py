@@ -3,7 +3,7 @@
 Each values set renders once per module. Checks: Helm lint; every core object against the
 Kubernetes 1.31 API schema and the RayService against KubeRay's CRD schema (unknown fields
 are errors); the serveConfigV2 against an independent construction from the values and
-through cluster.config.load_app_config, the loader of `tandem serve --config`; the worker
+through tandem.cluster.config.load_app_config, the loader of `tandem serve --config`; the worker
 groups against the Serve deployments they host; the security defaults of every pod template
 (RELIABILITY.md target 15); the NetworkPolicies; secrets only by reference; bad values
 refused by values.schema.json with its message, also through an install dry run.
@@ -21,7 +21,16 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
-from helm_render import (
+
+from tandem.cluster.config import (
+    DECODE,
+    INGRESS,
+    PREFILL,
+    EngineArgs,
+    TandemArgs,
+    load_app_config,
+)
+from tests.support.helm import (
     CHART_DIR,
     CRD_FILES,
     NAMESPACE,
@@ -39,15 +48,6 @@ from helm_render import (
     values_file,
     walk,
     worker_group,
-)
-
-from cluster.config import (
-    DECODE,
-    INGRESS,
-    PREFILL,
-    EngineArgs,
-    TandemArgs,
-    load_app_config,
 )
 
 POOLS = {INGRESS: "ingress", PREFILL: "prefill", DECODE: "decode"}
@@ -305,7 +305,7 @@ def _expected_serve_config(v: dict[str, Any]) -> dict[str, Any]:
         args["model_id"] = v["model"]["id"]
     app = {
         "name": "tandem",
-        "import_path": "cluster.app:build_app",
+        "import_path": "tandem.cluster.app:build_app",
         "route_prefix": "/" if v["http"]["enabled"] else None,
         "args": args,
         "deployments": [deployment(n) for n in (INGRESS, PREFILL, DECODE)],

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.attention import AttentionTiling, paged_attention, paged_attention_reference, write_kv
+from tandem.kernels.attention import (
+    AttentionTiling,
+    paged_attention,
+    paged_attention_reference,
+    write_kv,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 8

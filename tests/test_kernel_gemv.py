@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.gemv import GemvTiling, gemv, gemv_reference
+from tandem.kernels.gemv import GemvTiling, gemv, gemv_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

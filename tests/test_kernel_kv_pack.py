@@ -1,7 +1,7 @@
 """KV block pack / unpack kernels against plain torch indexing, compared bit for bit.
 
 On CPU the kernels run through the Triton interpreter (tests/conftest.py); on a GPU,
-compiled (`pytest --noconftest`), where workers/transfer/pack.py also routes through them.
+compiled (`pytest --noconftest`), where workers/disagg/transfer/pack.py also routes through them.
 Packed buffers start filled with 0xA5 bytes and caches with random bits including NaN
 patterns, so an unwritten or stray byte shows; floats are compared as raw bytes.
 """
@@ -9,13 +9,13 @@ patterns, so an unwritten or stray byte shows; floats are compared as raw bytes.
 import pytest
 import torch
 
-from kernels.kv_pack import (
+from tandem.kernels.kv_pack import (
     pack_kv_blocks,
     pack_kv_blocks_reference,
     unpack_kv_blocks,
     unpack_kv_blocks_reference,
 )
-from workers.transfer.pack import pack_layer, packed_nbytes, unpack_layer
+from tandem.workers.disagg.transfer.pack import pack_layer, packed_nbytes, unpack_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POISON = 0xA5
@@ -135,7 +135,7 @@ def test_empty_and_bad_arguments() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# gpt-oss-20b shapes on the GPU, through workers/transfer/pack.py (the kernels on CUDA):
+# gpt-oss-20b shapes on the GPU, through workers/disagg/transfer/pack.py (the kernels on CUDA):
 # block 16 tokens x 8 kv heads x 64 dims bf16 = 16 KiB per cache block.
 # ---------------------------------------------------------------------------------------
 

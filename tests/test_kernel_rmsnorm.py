@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from tandem.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

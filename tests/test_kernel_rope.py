@@ -10,18 +10,18 @@ import math
 import pytest
 import torch
 
-from kernels.rope import rotary_embedding_, rotary_embedding_reference
-from workers.model.attention import TorchPagedAttention
-from workers.model.config import YarnScaling
-from workers.model.layers import (
+from tandem.kernels.rope import rotary_embedding_, rotary_embedding_reference
+from tandem.workers.model.attention import TorchPagedAttention
+from tandem.workers.model.config import YarnScaling
+from tandem.workers.model.layers import (
     RotaryBackend,
     SelfAttention,
     TorchRotary,
     apply_rotary,
     rotary_inv_freq,
 )
-from workers.model.triton_backends import TritonPagedAttention
-from workers.tiny_model import TINY_CONFIG
+from tandem.workers.model.triton_backends import TritonPagedAttention
+from tandem.workers.synthetic.tiny_model import TINY_CONFIG
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPT_OSS_YARN = YarnScaling(32.0, 32.0, 1.0, 4096, truncate=False)

@@ -1,4 +1,4 @@
-"""Sampling kernel against the torch path of workers/sampler.py and the module's own reference.
+"""Sampling kernel against the torch path of workers/engine/sampler.py and its own reference.
 
 Runs through the Triton interpreter on CPU (tests/conftest.py) with tiny vocabularies and
 tilings small enough that rows span several chunks; the GPU tests run the real vocabulary
@@ -21,9 +21,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.sampling import SamplingTiling, sample_tokens, sample_tokens_reference, search_passes
-from workers.sampler import kernel_sample, race_winners, sampling_probs
-from workers.sampling_params import SamplingParams
+from tandem.kernels.sampling import (
+    SamplingTiling,
+    sample_tokens,
+    sample_tokens_reference,
+    search_passes,
+)
+from tandem.workers.engine.sampler import kernel_sample, race_winners, sampling_probs
+from tandem.workers.engine.sampling_params import SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -58,7 +63,7 @@ class Rows:
 
 
 def torch_path(rows: Rows) -> torch.Tensor:
-    """workers/sampler.py's torch path on the same noise (greedy rows: argmax)."""
+    """workers/engine/sampler.py's torch path on the same noise (greedy rows: argmax)."""
     out = rows.logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(rows.params) if not p.is_greedy]
     if random_rows:
@@ -164,7 +169,7 @@ def test_random_rows_match_torch_path(seed: int) -> None:
 
 
 def test_kernel_sample_leaves_unused_steps_out() -> None:
-    # Through workers/sampler.py's entry: top_k, top_p, min_p tensors are None when no row
+    # Through workers/engine/sampler.py's entry: top_k, top_p, min_p tensors are None when no row
     # uses them, with the default tiling (one chunk here).
     rows = random_rows(3, batch=6, vocab=300, device=DEVICE)
     plain = [SamplingParams(temperature=p.temperature or 1.0) for p in rows.params]

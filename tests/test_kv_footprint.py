@@ -6,9 +6,9 @@ The figures in README.md ("KV cache footprint") come from this test's arithmetic
 
 from __future__ import annotations
 
-from workers.kv.cache_manager import KVCacheManager, KVGroup
-from workers.request import Request
-from workers.scheduler import Scheduler, SchedulerConfig
+from tandem.workers.engine.request import Request
+from tandem.workers.engine.scheduler import Scheduler, SchedulerConfig
+from tandem.workers.kv.cache_manager import KVCacheManager, KVGroup
 
 # gpt-oss-20b: 24 layers alternating sliding (window 128) and full; 8 kv heads of 64, bf16.
 LAYERS_PER_GROUP = 12

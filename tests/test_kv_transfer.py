@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import runpy
 import signal
 import time
 from pathlib import Path
@@ -20,20 +21,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.transfer import (
+from tandem.workers.disagg.transfer import (
     KVLayout,
     KVLayoutMismatch,
     KVReceiver,
-    KVSender,
     TransferFailed,
     TransferTicket,
     pack_layer,
     packed_nbytes,
     unpack_layer,
 )
-from workers.transfer.protocol import FRAME_BYTES, decode_frame, encode_frame
+from tandem.workers.disagg.transfer.protocol import FRAME_BYTES, decode_frame, encode_frame
+from tests.support import kv_sender
+from tests.support.kv_sender import HOST, make_caches
 
-HOST = "127.0.0.1"
 # Tiny gpt-oss shape: layers (sliding, full, sliding, full) -> group 0 = full {1, 3},
 # group 1 = sliding {0, 2}; block_size 8, 2 kv heads, head_dim 16.
 LAYOUT = KVLayout("tiny-gpt-oss", "bfloat16", 8, 4, (1, 0, 1, 0), 2, 16)
@@ -46,70 +47,8 @@ REPLY_TIMEOUT_S = 30.0
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_caches(
-    layout: KVLayout, blocks_per_group: tuple[int, ...], seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (key, value) caches of random values, reproducible from the seed."""
-    gen = torch.Generator().manual_seed(seed)
-    caches = []
-    for layer in range(layout.num_layers):
-        shape = (
-            blocks_per_group[layout.layer_groups[layer]],
-            layout.block_size,
-            layout.num_kv_heads,
-            layout.head_dim,
-        )
-        pair = tuple(
-            torch.randn(shape, generator=gen, dtype=torch.float32).to(layout.torch_dtype)
-            for _ in range(2)
-        )
-        caches.append(pair)
-    return caches
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-
-def sender_main(conn, sender_id: str, layout_json: str, blocks: list[int], seed: int) -> None:
-    """The prefill worker: runs transfers as told; replies one JSON line per command."""
-    layout = KVLayout.from_json(layout_json)
-    sender = KVSender(sender_id, layout, make_caches(layout, tuple(blocks), seed), HOST)
-    while True:
-        command = json.loads(conn.recv_bytes())
-        if command["op"] == "exit":
-            sender.close()
-            conn.send_bytes(b"{}")
-            return
-        transfers = []
-        for spec in command["transfers"]:
-            ticket = TransferTicket.from_json(spec["ticket"])
-            transfers.append(sender.begin(ticket, spec["src"]))
-        order = command.get("send_order", list(range(len(transfers))))
-        abandon = command.get("abandon")  # {"index": i, "after_layers": k}
-        for layer in range(layout.num_layers):
-            if layer == command.get("notify_after_layers"):
-                conn.send_bytes(json.dumps({"partial": True}).encode())
-                conn.recv_bytes()  # the parent kills this process while it waits here
-            if layer == command.get("stall_after_layers"):
-                time.sleep(command["stall_s"])
-            for i in order:
-                if abandon and abandon["index"] == i and abandon["after_layers"] == layer:
-                    transfers[i].abandon("request cancelled")
-                if not (abandon and abandon["index"] == i and layer >= abandon["after_layers"]):
-                    transfers[i].send_layer(layer)
-        for i in command.get("finish_order", order):
-            if not (abandon and abandon["index"] == i):
-                spec = command["transfers"][i]
-                transfers[i].finish(spec["first_token"], {"index": i})
-        outcomes = []
-        for transfer in transfers:
-            try:
-                transfer.wait()
-                outcomes.append("ok")
-            except (TransferFailed, KVLayoutMismatch) as e:
-                outcomes.append(f"{type(e).__name__}: {e}")
-        conn.send_bytes(json.dumps({"outcomes": outcomes}).encode())
 
 
 class SenderProcess:
@@ -118,9 +57,12 @@ class SenderProcess:
     def __init__(self, sender_id: str = "prefill-0", layout: KVLayout = LAYOUT) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
+        args = {"conn": child_conn, "sender_id": sender_id, "layout_json": layout.to_json(),
+                "blocks": list(SENDER_BLOCKS), "seed": SENDER_SEED}
         self.process = ctx.Process(
-            target=sender_main,
-            args=(child_conn, sender_id, layout.to_json(), list(SENDER_BLOCKS), SENDER_SEED),
+            target=runpy.run_path,
+            args=(kv_sender.__file__,),
+            kwargs={"init_globals": {"SENDER_ARGS": args}, "run_name": kv_sender.RUN_NAME},
             daemon=True,
         )
         self.process.start()
@@ -199,7 +141,7 @@ def snapshot(receiver: KVReceiver):
 
 
 def test_layout_from_tiny_config_and_json_round_trip():
-    from workers.tiny_model import TINY_CONFIG
+    from tandem.workers.synthetic.tiny_model import TINY_CONFIG
 
     layout = KVLayout.from_config(TINY_CONFIG, "tiny-gpt-oss", torch.bfloat16, 8)
     assert layout == LAYOUT
@@ -316,7 +258,7 @@ def test_transfer_package_never_pickles():
         "all_gather_object", "gather_object", "scatter_object_list",
         "Unpickler", "Pickler", "loads", "load", "save",
     }  # fmt: skip
-    package = Path(__file__).resolve().parents[1] / "workers" / "transfer"
+    package = Path(__file__).resolve().parents[1] / "workers" / "disagg" / "transfer"
     files = sorted(package.glob("*.py"))
     assert files
     for path in files:

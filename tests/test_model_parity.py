@@ -11,15 +11,15 @@ import math
 
 import pytest
 import torch
-from hf_reference import greedy_with_logits, load_transformers
 
-import workers.model.moe as moe_module
-from workers.model.attention import build_attention_metadata
-from workers.model.checkpoint_writer import tiny_config, write_random_checkpoint
-from workers.model.config import FULL, SLIDING, GptOssConfig, YarnScaling
-from workers.model.gpt_oss import GptOssModel, allocate_kv_caches
-from workers.model.layers import rotary_inv_freq
-from workers.model.weights import load_model
+import tandem.workers.model.moe as moe_module
+from tandem.workers.model.attention import build_attention_metadata
+from tandem.workers.model.config import FULL, SLIDING, GptOssConfig, YarnScaling
+from tandem.workers.model.gpt_oss import GptOssModel, allocate_kv_caches
+from tandem.workers.model.layers import rotary_inv_freq
+from tandem.workers.model.weights import load_model
+from tandem.workers.synthetic.checkpoint_writer import tiny_config, write_random_checkpoint
+from tests.support.hf_reference import greedy_with_logits, load_transformers
 
 NEW_TOKENS = 64
 BLOCK_SIZE = 8

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from tandem.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 
 def _one_block(first_bytes: list[int], scale: int) -> tuple[torch.Tensor, torch.Tensor]:

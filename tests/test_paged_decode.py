@@ -15,10 +15,10 @@ import random
 import pytest
 import torch
 
-from workers.model.attention import TorchPagedAttention, build_attention_metadata
-from workers.model.checkpoint_writer import tiny_config, write_random_checkpoint
-from workers.model.gpt_oss import GptOssModel, allocate_kv_caches
-from workers.model.weights import load_model
+from tandem.workers.model.attention import TorchPagedAttention, build_attention_metadata
+from tandem.workers.model.gpt_oss import GptOssModel, allocate_kv_caches
+from tandem.workers.model.weights import load_model
+from tandem.workers.synthetic.checkpoint_writer import tiny_config, write_random_checkpoint
 
 BLOCK_SIZE = 8
 LENGTHS = (45, 30, 61)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from router.load import InFlight, LoadView, ReplicaLoad
-from router.policies import (
+from tandem.router.load import InFlight, LoadView, ReplicaLoad
+from tandem.router.policies import (
     Choice,
     DisaggRule,
     LeastLoaded,
@@ -22,14 +22,14 @@ from router.policies import (
     make_policy,
     place,
 )
-from router.prefix_index import (
+from tandem.router.prefix_index import (
     FULL,
     SLIDING,
     PrefixIndex,
     prompt_block_hashes,
     sliding_blocks,
 )
-from workers.control_plane import WorkerCapacity, WorkerInfo, WorkerLoad
+from tandem.workers.control_plane import WorkerCapacity, WorkerInfo, WorkerLoad
 
 
 def replica(rid: str, **load) -> ReplicaLoad:
@@ -464,7 +464,7 @@ def test_in_flight_counts_and_prompt_tokens():
 
 def test_router_imports_neither_torch_nor_ray():
     code = (
-        "import sys, router.load, router.policies, router.prefix_index; "
+        "import sys, tandem.router.load, tandem.router.policies, tandem.router.prefix_index; "
         "bad = {'torch', 'ray', 'redis'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -473,7 +473,7 @@ def test_router_imports_neither_torch_nor_ray():
 def test_cached_prompt_tokens_hashes_lazily_and_agrees_with_full_hashing(monkeypatch):
     """The lookup the ingress runs per request: equal to matching the full hash list,
     and hashing no block past the longest cached prefix (+1 to see the miss)."""
-    import router.prefix_index as prefix_index
+    import tandem.router.prefix_index as prefix_index
 
     block = 4
     rng = random.Random(7)

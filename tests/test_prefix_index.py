@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import random
 
-from router.prefix_index import FULL, SLIDING, PrefixIndex, prompt_block_hashes
-from workers.kv.block_hash import hash_prompt_blocks
-from workers.kv.block_pool import BlockRemoved, BlockStored
-from workers.kv.cache_manager import KVCacheManager, KVGroup
-from workers.request import Request
-from workers.scheduler import Scheduler, SchedulerConfig
+from tandem.router.prefix_index import FULL, SLIDING, PrefixIndex, prompt_block_hashes
+from tandem.workers.engine.request import Request
+from tandem.workers.engine.scheduler import Scheduler, SchedulerConfig
+from tandem.workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_pool import BlockRemoved, BlockStored
+from tandem.workers.kv.cache_manager import KVCacheManager, KVGroup
 
 H = [bytes([i]) * 16 for i in range(10)]
 

@@ -53,7 +53,7 @@ def test_generated_code_imports_in_a_clean_interpreter():
     # A fresh process, so nothing imported by other tests hides a broken import path
     # or a protobuf/grpc runtime version the generated code refuses.
     code = (
-        "from cluster.api.gen import tandem_pb2, tandem_pb2_grpc; "
+        "from tandem.cluster.api.gen import tandem_pb2, tandem_pb2_grpc; "
         "print(tandem_pb2.DESCRIPTOR.name, tandem_pb2_grpc.TandemStub.__name__)"
     )
     result = subprocess.run(
@@ -64,7 +64,7 @@ def test_generated_code_imports_in_a_clean_interpreter():
 
 
 def test_service_shape_and_field_presence():
-    from cluster.api.gen import tandem_pb2 as pb
+    from tandem.cluster.api.gen import tandem_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["Tandem"]
     assert service.full_name == "tandem.v1.Tandem"
@@ -92,9 +92,9 @@ def test_service_shape_and_field_presence():
 def test_messages_pickle_under_their_committed_module():
     import pickle
 
-    from cluster.api.gen import tandem_pb2 as pb
+    from tandem.cluster.api.gen import tandem_pb2 as pb
 
-    assert pb.GenerateChunk.__module__ == "cluster.api.gen.tandem_pb2"
+    assert pb.GenerateChunk.__module__ == "tandem.cluster.api.gen.tandem_pb2"
     chunk = pb.GenerateChunk(request_id="r", token_ids=[1, 2], text_delta="ab")
     assert pickle.loads(pickle.dumps(chunk)) == chunk
 

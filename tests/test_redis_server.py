@@ -15,8 +15,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import cluster.redis_server as redis_server_module
-from cluster.redis_server import LocalRedis
+import tandem.cluster.redis_server as redis_server_module
+from tandem.cluster.redis_server import LocalRedis
 
 PASSWORD = 'pa ss"wo\\rd-é'
 
@@ -141,7 +141,7 @@ def test_interpreter_exit_stops_the_server():
     code = textwrap.dedent(
         """
         import sys
-        from cluster.redis_server import LocalRedis
+        from tandem.cluster.redis_server import LocalRedis
         server = LocalRedis().start()
         print(server.pid, server.port, flush=True)
         sys.exit(0)

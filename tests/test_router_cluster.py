@@ -23,22 +23,14 @@ import time
 
 import pytest
 import ray
-from cluster_fixtures import (
-    STREAM_TIMEOUT_S,
-    ChatWorkload,
-    hit_rate,
-    run_chat_workload,
-    serve_cluster,
-    wait_for,
-)
 
-from cluster.client import TandemClient
-from cluster.config import ConfigError, load_app_config, parse_args
-from cluster.index_feeder import PrefixIndexFeeder
-from cluster.metrics import RouterMetrics
-from router.policies import PrefixAwareConfig
-from router.prefix_index import FULL, SLIDING, prompt_block_hashes
-from workers.control_plane import (
+from tandem.cluster.client import TandemClient
+from tandem.cluster.config import ConfigError, load_app_config, parse_args
+from tandem.cluster.index_feeder import PrefixIndexFeeder
+from tandem.cluster.metrics import RouterMetrics
+from tandem.router.policies import PrefixAwareConfig
+from tandem.router.prefix_index import FULL, SLIDING, prompt_block_hashes
+from tandem.workers.control_plane import (
     KVEvent,
     KVEventPublisher,
     KVEventReader,
@@ -46,7 +38,15 @@ from workers.control_plane import (
     WorkerInfo,
     WorkerRegistry,
 )
-from workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_hash import hash_prompt_blocks
+from tests.support.cluster import (
+    STREAM_TIMEOUT_S,
+    ChatWorkload,
+    hit_rate,
+    run_chat_workload,
+    serve_cluster,
+    wait_for,
+)
 
 APP = "tandem-router"
 CLUSTER_NAME = "router"

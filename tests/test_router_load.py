@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.load import LoadView, ReplicaLoad, ReplicaMemo
-from workers.control_plane import WorkerCapacity, WorkerInfo, WorkerLoad
+from tandem.router.load import LoadView, ReplicaLoad, ReplicaMemo
+from tandem.workers.control_plane import WorkerCapacity, WorkerInfo, WorkerLoad
 
 
 def _worker(rid: str, role: str, running: int = 0) -> WorkerInfo:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workers.sampler import (
+from tandem.workers.engine.sampler import (
     Sampler,
     apply_penalties,
     mask_min_p,
@@ -15,7 +15,7 @@ from workers.sampler import (
     mask_top_p,
     seeded_generator,
 )
-from workers.sampling_params import SamplingParams
+from tandem.workers.engine.sampling_params import SamplingParams
 
 DEVICES = [
     "cpu",

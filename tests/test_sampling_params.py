@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from workers.sampling_params import (
+from tandem.workers.engine.sampling_params import (
     MAX_LOGPROBS,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,

@@ -2,11 +2,11 @@
 
 import pytest
 
-from workers.kv.block_hash import hash_prompt_blocks
-from workers.kv.block_pool import BlockRemoved
-from workers.kv.cache_manager import KVCacheManager, KVGroup
-from workers.request import Request, RequestStatus
-from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tandem.workers.engine.request import Request, RequestStatus
+from tandem.workers.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tandem.workers.kv.block_hash import hash_prompt_blocks
+from tandem.workers.kv.block_pool import BlockRemoved
+from tandem.workers.kv.cache_manager import KVCacheManager, KVGroup
 
 BS = 8
 GROUPS = (KVGroup("full", None), KVGroup("sliding", 16))

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from workers.detokenizer import IncrementalDetokenizer, StopCheck, StopStringMatcher
-from workers.tokenizer import HARMONY_SPECIAL_STRINGS, Tokenizer
-from workers.tokenizer_training import save_tokenizer, train_tiny_tokenizer
+from tandem.workers.engine.detokenizer import IncrementalDetokenizer, StopCheck, StopStringMatcher
+from tandem.workers.synthetic.tokenizer_training import save_tokenizer, train_tiny_tokenizer
+from tandem.workers.text.tokenizer import HARMONY_SPECIAL_STRINGS, Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MULTILINGUAL = "Le café, naïve résumé. 日本語と東京。Привет! Emoji 🙂🚀🎉👍 done."
@@ -267,7 +267,8 @@ def test_trainer_is_deterministic(trained: tokenizers.Tokenizer, tmp_path: Path)
 def test_trainer_is_deterministic_across_processes(trained: tokenizers.Tokenizer) -> None:
     # A fresh interpreter has a different hash seed: catches set/dict-order dependence.
     code = (
-        "import hashlib; from workers.tokenizer_training import train_tiny_tokenizer; "
+        "import hashlib\n"
+        "from tandem.workers.synthetic.tokenizer_training import train_tiny_tokenizer\n"
         "print(hashlib.sha256(train_tiny_tokenizer().to_str().encode()).hexdigest())"
     )
     out = subprocess.run(

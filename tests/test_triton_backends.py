@@ -12,24 +12,24 @@ import random
 
 import pytest
 import torch
-from test_kernel_moe import errors as kernel_errors
-from test_kernel_moe import make_weights, poisoned_rows
 
-from kernels.moe import MoEGemvTiling, moe_mxfp4, moe_mxfp4_reference
-from workers.engine import EngineConfig, LLMEngine
-from workers.model.attention import TorchPagedAttention
-from workers.model.layers import TorchNorm, TorchRotary
-from workers.model.moe import TorchMoE
-from workers.model.triton_backends import (
+from tandem.kernels.moe import MoEGemvTiling, moe_mxfp4, moe_mxfp4_reference
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.runner import DecodeGraphs, ModelRunner
+from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.engine.scheduler import ScheduledRequest, SchedulerOutput
+from tandem.workers.model.attention import TorchPagedAttention
+from tandem.workers.model.layers import TorchNorm, TorchRotary
+from tandem.workers.model.moe import TorchMoE
+from tandem.workers.model.triton_backends import (
     TritonMoE,
     TritonPagedAttention,
     default_kernels,
     make_backends,
 )
-from workers.model.weights import load_model
-from workers.runner import DecodeGraphs, ModelRunner
-from workers.sampling_params import SamplingParams
-from workers.scheduler import ScheduledRequest, SchedulerOutput
+from tandem.workers.model.weights import load_model
+from tests.support.moe_weights import errors as kernel_errors
+from tests.support.moe_weights import make_weights, poisoned_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 8

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workers.model.checkpoint_writer import tiny_config, write_random_checkpoint
-from workers.model.config import CheckpointError, GptOssConfig, YarnScaling, load_config
-from workers.model.weights import load_model
+from tandem.workers.model.config import CheckpointError, GptOssConfig, YarnScaling, load_config
+from tandem.workers.model.weights import load_model
+from tandem.workers.synthetic.checkpoint_writer import tiny_config, write_random_checkpoint
 
 SHARDS = 3
 SECOND_SHARD = "model-00002-of-00003.safetensors"

@@ -10,5 +10,11 @@ receives token ids and checked SamplingParams. This package's `__init__` imports
 so the client (cluster/client.py) can use the generated modules without torch.
 """
 
+from importlib import resources
+
+# The API's source, shipped as package data: `tandem proto` prints it, for clients in
+# other languages.
+PROTO_RESOURCE = resources.files("tandem.cluster").joinpath("proto/tandem/v1/tandem.proto")
+
 # The port `tandem serve` listens on for gRPC and `tandem client` connects to by default.
 DEFAULT_GRPC_PORT = 50051

@@ -25,11 +25,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.async_engine import AsyncLLMEngine, EngineDeadError
-from workers.engine import EngineConfig, LLMEngine
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from tandem.workers.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.outputs import RequestOutput
+from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.text.tokenizer import Tokenizer
 
 
 class InvalidRequestError(ValueError):

@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
-from cluster.api.backend import GenerationDelta, InvalidRequestError, ModelCard
-from cluster.api.gen import tandem_pb2 as pb
-from workers.harmony import (
+from tandem.cluster.api.backend import GenerationDelta, InvalidRequestError, ModelCard
+from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.workers.engine.outputs import TokenLogprob
+from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.text.harmony import (
     ContentDelta,
     Conversation,
     HarmonyStreamParser,
@@ -25,9 +27,7 @@ from workers.harmony import (
     ToolSpec,
     chat_stop_token_ids,
 )
-from workers.outputs import TokenLogprob
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from tandem.workers.text.tokenizer import Tokenizer
 
 MAX_REQUEST_ID_CHARS = 128
 # Proto fields that map one to one onto SamplingParams fields of the same name, when set.

@@ -32,8 +32,8 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from cluster.api import DEFAULT_GRPC_PORT, convert
-from cluster.api.backend import (
+from tandem.cluster.api import DEFAULT_GRPC_PORT, convert
+from tandem.cluster.api.backend import (
     BackendUnavailable,
     GenerationBackend,
     GenerationDelta,
@@ -41,10 +41,10 @@ from cluster.api.backend import (
     InvalidRequestError,
     QueueFull,
 )
-from cluster.api.gen import tandem_pb2 as pb
-from cluster.api.gen import tandem_pb2_grpc
-from workers.harmony import render_conversation
-from workers.sampling_params import SamplingParams, SamplingParamsError
+from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.api.gen import tandem_pb2_grpc
+from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
+from tandem.workers.text.harmony import render_conversation
 
 log = logging.getLogger(__name__)
 

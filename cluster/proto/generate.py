@@ -6,7 +6,7 @@
 protoc names a generated module after the .proto's path under the include root, so
 `tandem/v1/tandem.proto` becomes `tandem.v1.tandem_pb2`, and the gRPC module imports it
 by that name. We commit the modules flat in `cluster/api/gen/` instead, with that
-import (and the messages' module name) rewritten to `cluster.api.gen.tandem_pb2`: the
+import (and the messages' module name) rewritten to `tandem.cluster.api.gen.tandem_pb2`: the
 package imports without putting
 anything on sys.path. The descriptor keeps its proto path ("tandem/v1/tandem.proto"),
 so the wire format and the full names (tandem.v1.Tandem/Generate) are unchanged.
@@ -30,7 +30,7 @@ PROTO_FILE = "tandem/v1/tandem.proto"
 REPO_ROOT = PROTO_ROOT.parent.parent
 DEFAULT_OUT = REPO_ROOT / "cluster" / "api" / "gen"
 # The package the committed modules live in.
-GEN_PACKAGE = "cluster.api.gen"
+GEN_PACKAGE = "tandem.cluster.api.gen"
 GENERATED = ("tandem_pb2.py", "tandem_pb2.pyi", "tandem_pb2_grpc.py")
 # Generated code does not follow our lint rules; the file-level marker keeps ruff out.
 _HEADER = "# ruff: noqa\n# Regenerate with: python cluster/proto/generate.py (source: {proto})\n"

@@ -3,17 +3,17 @@
 No torch here: the router imports this package. Layout of the keys: `connection.py`.
 """
 
-from workers.control_plane.connection import (
+from tandem.workers.control_plane.connection import (
     ControlPlaneUnavailable,
     KeySpace,
     make_client,
     new_incarnation,
     redact_url,
 )
-from workers.control_plane.events import KVEvent, decode_event, encode_event
-from workers.control_plane.publisher import KVEventPublisher
-from workers.control_plane.reader import KVEventEntry, KVEventReader
-from workers.control_plane.registry import (
+from tandem.workers.control_plane.events import KVEvent, decode_event, encode_event
+from tandem.workers.control_plane.publisher import KVEventPublisher
+from tandem.workers.control_plane.reader import KVEventEntry, KVEventReader
+from tandem.workers.control_plane.registry import (
     ROLES,
     WorkerCapacity,
     WorkerInfo,

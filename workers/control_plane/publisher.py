@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import redis
 
-from workers.control_plane.connection import (
+from tandem.workers.control_plane.connection import (
     KeySpace,
     OutageLog,
     check_epoch,
@@ -38,7 +38,7 @@ from workers.control_plane.connection import (
     new_incarnation,
     validate_cluster_name,
 )
-from workers.control_plane.events import KVEvent, encode_event
+from tandem.workers.control_plane.events import KVEvent, encode_event
 
 logger = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ from typing import NamedTuple
 
 import redis
 
-from workers.control_plane.connection import (
+from tandem.workers.control_plane.connection import (
     SOCKET_TIMEOUT_S,
     KeySpace,
     check_epoch,
     make_client,
     raise_if_unavailable,
 )
-from workers.control_plane.events import KVEvent, decode_event
-from workers.control_plane.registry import fetch_live_workers
+from tandem.workers.control_plane.events import KVEvent, decode_event
+from tandem.workers.control_plane.registry import fetch_live_workers
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Literal
 
 import redis
 
-from workers.control_plane.connection import (
+from tandem.workers.control_plane.connection import (
     KeySpace,
     OutageLog,
     check_epoch,

@@ -49,7 +49,7 @@ _U32 = struct.Struct("<I").pack
 # Tokens are encoded through array("I"): a C loop over the list, little-endian u32 each
 # (swapped on a big-endian host), the same bytes as struct "<I" per token.
 if array("I").itemsize != 4:
-    raise ImportError("workers.kv.block_hash needs a 4-byte C unsigned int")
+    raise ImportError("tandem.workers.kv.block_hash needs a 4-byte C unsigned int")
 _SWAP = sys.byteorder != "little"
 # Blocks encoded by iter_block_hashes' first call (then twice as many each time): enough
 # to amortise the encoding, few enough that a lookup ending early (a cold prompt) encodes

@@ -27,7 +27,7 @@ Block ids run 0..num_blocks-1, all usable; -1 marks "no block" in block tables.
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.kv.block_hash import BlockHash
+from tandem.workers.kv.block_hash import BlockHash
 
 
 @dataclass(frozen=True)

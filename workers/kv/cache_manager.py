@@ -35,10 +35,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from workers.kv import block_hash
-from workers.kv.block_hash import BlockHash
-from workers.kv.block_pool import BlockPool, BlockStored, KVBlock, KVCacheEvent
-from workers.request import Request
+from tandem.workers.engine.request import Request
+from tandem.workers.kv import block_hash
+from tandem.workers.kv.block_hash import BlockHash
+from tandem.workers.kv.block_pool import BlockPool, BlockStored, KVBlock, KVCacheEvent
 
 # Looks up logical block i of the request being examined in one pool (None on a miss).
 _Lookup = Callable[[int], KVBlock | None]

@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from workers.model.attention import (
+from tandem.workers.model.attention import (
     AttentionBackend,
     AttentionMetadata,
     TorchPagedAttention,
     build_attention_metadata,
 )
-from workers.model.config import GptOssConfig
-from workers.model.layers import (
+from tandem.workers.model.config import GptOssConfig
+from tandem.workers.model.layers import (
     DecoderLayer,
     Linear,
     LinearBackend,
@@ -36,13 +36,13 @@ from workers.model.layers import (
     TorchRotary,
     empty_parameter,
 )
-from workers.model.moe import MoEBackend, TorchMoE
+from tandem.workers.model.moe import MoEBackend, TorchMoE
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class GptOssModel(nn.Module):
-    """gpt-oss with uninitialised parameters (fill them with workers.model.weights)."""
+    """gpt-oss with uninitialised parameters (fill them with tandem.workers.model.weights)."""
 
     def __init__(
         self,

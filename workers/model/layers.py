@@ -11,9 +11,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from workers.model.attention import AttentionBackend, AttentionMetadata
-from workers.model.config import GptOssConfig, YarnScaling
-from workers.model.moe import MoEBackend, MoEWeights
+from tandem.workers.model.attention import AttentionBackend, AttentionMetadata
+from tandem.workers.model.config import GptOssConfig, YarnScaling
+from tandem.workers.model.moe import MoEBackend, MoEWeights
 
 
 def empty_parameter(

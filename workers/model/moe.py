@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.mxfp4 import dequantize_mxfp4
+from tandem.kernels.mxfp4 import dequantize_mxfp4
 
 SWIGLU_ALPHA = 1.702
 """Sigmoid gain of gpt-oss' SwiGLU; fixed by the model, not in its config."""

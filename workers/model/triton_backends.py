@@ -24,18 +24,18 @@ from typing import Literal
 
 import torch
 
-from kernels.attention import paged_attention, write_kv
-from kernels.gemv import gemv
-from kernels.moe import moe_mxfp4
-from kernels.rmsnorm import rmsnorm
-from kernels.rope import rotary_embedding_
-from workers.model.attention import (
+from tandem.kernels.attention import paged_attention, write_kv
+from tandem.kernels.gemv import gemv
+from tandem.kernels.moe import moe_mxfp4
+from tandem.kernels.rmsnorm import rmsnorm
+from tandem.kernels.rope import rotary_embedding_
+from tandem.workers.model.attention import (
     AttentionBackend,
     AttentionMetadata,
     TorchPagedAttention,
 )
-from workers.model.layers import LinearBackend, NormBackend, RotaryBackend
-from workers.model.moe import MoEBackend, MoEWeights, TorchMoE
+from tandem.workers.model.layers import LinearBackend, NormBackend, RotaryBackend
+from tandem.workers.model.moe import MoEBackend, MoEWeights, TorchMoE
 
 KernelsName = Literal["torch", "triton"]
 KERNELS_NAMES: tuple[str, ...] = ("torch", "triton")

@@ -25,18 +25,18 @@ from typing import Literal
 import torch
 from safetensors import safe_open
 
-from kernels.mxfp4 import E8M0_NAN
-from workers.model.attention import AttentionBackend
-from workers.model.config import (
+from tandem.kernels.mxfp4 import E8M0_NAN
+from tandem.workers.model.attention import AttentionBackend
+from tandem.workers.model.config import (
     CheckpointError,
     GptOssConfig,
     is_original_config,
     read_config_json,
 )
-from workers.model.gpt_oss import GptOssModel
-from workers.model.layers import MoEBlock
-from workers.model.moe import MoEBackend
-from workers.model.triton_backends import make_backends
+from tandem.workers.model.gpt_oss import GptOssModel
+from tandem.workers.model.layers import MoEBlock
+from tandem.workers.model.moe import MoEBackend
+from tandem.workers.model.triton_backends import make_backends
 
 __all__ = ["CheckpointError", "CheckpointFiles", "load_model", "resolve_checkpoint"]
 
@@ -85,7 +85,7 @@ def load_model(
 
     dtype None means bfloat16 on CUDA and float32 elsewhere (CPU has no fast bf16 matmul).
     A backend left None is the default for the device: the Triton kernels on CUDA, the
-    torch references elsewhere (workers.model.triton_backends.make_backends).
+    torch references elsewhere (tandem.workers.model.triton_backends.make_backends).
     """
     files, config = resolve_checkpoint(checkpoint_dir)
     device = torch.device(device)

@@ -5,7 +5,7 @@
 import grpc
 import warnings
 
-from cluster.api.gen import tandem_pb2 as tandem_dot_v1_dot_tandem__pb2
+from tandem.cluster.api.gen import tandem_pb2 as tandem_dot_v1_dot_tandem__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -63,7 +63,7 @@ $TANDEM_API_KEY, both set from Secrets in the pods (see tandem.rayEnv).
   (include "tandem.serveDeployment" (dict "ctx" . "pool" "ingress" "name" "Ingress") | fromYaml)
   (include "tandem.serveDeployment" (dict "ctx" . "pool" "prefill" "name" "PrefillServer") | fromYaml)
   (include "tandem.serveDeployment" (dict "ctx" . "pool" "decode" "name" "DecodeServer") | fromYaml) -}}
-{{- $app := dict "name" "tandem" "import_path" "cluster.app:build_app" "args" $args "deployments" $deployments -}}
+{{- $app := dict "name" "tandem" "import_path" "tandem.cluster.app:build_app" "args" $args "deployments" $deployments -}}
 {{- $config := dict "applications" (list $app) -}}
 {{- if $v.http.enabled -}}
 {{- $_ := set $config "proxy_location" "EveryNode" -}}

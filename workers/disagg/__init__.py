@@ -1,0 +1,2 @@
+"""Disaggregated prefill and decode: the worker roles and their messages (roles.py) over
+the KV transfer data plane (transfer/)."""

@@ -1,0 +1,56 @@
+"""The harmony chat format of gpt-oss: conversations in, prompt tokens out
+(render.py), and sampled tokens back into reasoning, answer text and tool calls
+(parse.py)."""
+
+from tandem.workers.text.harmony.messages import (
+    CHANNELS,
+    DEFAULT_MODEL_IDENTITY,
+    REASONING_EFFORTS,
+    ROLES,
+    Conversation,
+    Message,
+    ToolSpec,
+)
+from tandem.workers.text.harmony.parse import (
+    ContentDelta,
+    HarmonyEvent,
+    HarmonyStreamParser,
+    MessageEnd,
+    MessageStart,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallDelta,
+)
+from tandem.workers.text.harmony.render import (
+    chat_stop_token_ids,
+    developer_message_text,
+    render_conversation,
+    render_message,
+    system_message_text,
+)
+from tandem.workers.text.harmony.typescript import render_functions_namespace, schema_to_typescript
+
+__all__ = [
+    "CHANNELS",
+    "DEFAULT_MODEL_IDENTITY",
+    "REASONING_EFFORTS",
+    "ROLES",
+    "ContentDelta",
+    "Conversation",
+    "HarmonyEvent",
+    "HarmonyStreamParser",
+    "Message",
+    "MessageEnd",
+    "MessageStart",
+    "ReasoningDelta",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolSpec",
+    "chat_stop_token_ids",
+    "developer_message_text",
+    "render_conversation",
+    "render_functions_namespace",
+    "render_message",
+    "schema_to_typescript",
+    "system_message_text",
+]
