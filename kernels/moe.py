@@ -17,7 +17,8 @@ path with the same result: no grouping, two GEMVs per pair (kernels/moe_gemv.py;
 with bf16/fp16 activations on tensor cores). `default_tiling` picks the path from the
 batch size and dtype.
 
-Public: `moe_mxfp4`, `route`, `group_by_expert`, `MoETiling`, `MoEGemvTiling`,
+Public: `moe_mxfp4`, `experts_mxfp4` (the experts for a given routing), `route`,
+`group_by_expert`, `MoETiling`, `MoEGemvTiling`,
 `default_tiling`, `ExpertGroups`, `pack_f16_pairs`, `swiglu_f16_exponent`, and the plain
 fp32 torch reference `moe_mxfp4_reference` at the bottom.
 """
@@ -265,11 +266,58 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
     gemv_path = isinstance(tiling, MoEGemvTiling)
     packed = packed_f16_buffers(x) if gemv_path and tiling.tensor_cores else None
     route_weights, experts = route(x, router_weight, router_bias, top_k, packed)  # [T, k]
-    if gemv_path:
-        y = experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
-                         gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
-                         swiglu_limit, alpha, tiling, packed)        # [T * k, d] fp32
-        return _combine(y, x, top_k)
+    y = _routed_experts(x, route_weights, experts, gate_up_blocks, gate_up_scales,
+                        gate_up_bias, down_blocks, down_scales, down_bias, swiglu_limit, alpha,
+                        tiling, packed)                               # [T * k, d] fp32
+    return _combine(y, x, top_k)
+
+
+def experts_mxfp4(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Tensor,
+                  gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
+                  gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
+                  down_scales: torch.Tensor, down_bias: torch.Tensor,
+                  swiglu_limit: float = 7.0, alpha: float = SWIGLU_ALPHA,
+                  tiling: MoETiling | MoEGemvTiling | None = None) -> torch.Tensor:
+    """The experts of `moe_mxfp4` with the routing given: no router, no combine.
+
+    x [T, d], route_weights [T, k] fp32, experts [T, k] int32 (indices into the given
+    experts) -> y [T * k, d] fp32, row p = route_weights of pair p times (W2 act + b2) of
+    token p // k's expert in slot p % k. Expert parallelism calls this with k = 1 on the
+    (token, slot) pairs routed to the experts one rank holds.
+    """
+    num_tokens, d_model = x.shape
+    num_experts, top_k = gate_up_blocks.shape[0], experts.shape[1]
+    d_ff = gate_up_blocks.shape[1] // 2
+    _check_weights(d_model, d_ff, num_experts, gate_up_blocks, gate_up_scales, down_blocks,
+                   down_scales)
+    if num_tokens == 0:
+        return torch.empty((0, d_model), dtype=torch.float32, device=x.device)
+    tiling = tiling or default_tiling(num_tokens, top_k, num_experts, d_model, d_ff,
+                                      interpreter=x.device.type == "cpu",
+                                      half=x.dtype != torch.float32)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    gemv_path = isinstance(tiling, MoEGemvTiling)
+    packed = pack_f16_pairs(x) if gemv_path and tiling.tensor_cores else None
+    return _routed_experts(x, route_weights.contiguous(), experts.to(torch.int32).contiguous(),
+                           gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks,
+                           down_scales, down_bias, swiglu_limit, alpha, tiling, packed)
+
+
+def _routed_experts(x: torch.Tensor, route_weights: torch.Tensor, experts: torch.Tensor,
+                    gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor,
+                    gate_up_bias: torch.Tensor, down_blocks: torch.Tensor,
+                    down_scales: torch.Tensor, down_bias: torch.Tensor, swiglu_limit: float,
+                    alpha: float, tiling: MoETiling | MoEGemvTiling,
+                    packed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """GEMV or grouped-GEMM path over routed pairs -> y [T * k, d] fp32, weighted."""
+    d_model = x.shape[1]
+    num_experts, top_k = gate_up_blocks.shape[0], experts.shape[1]
+    d_ff = gate_up_blocks.shape[1] // 2
+    if isinstance(tiling, MoEGemvTiling):
+        return experts_gemv(x, route_weights, experts, gate_up_blocks, gate_up_scales,
+                            gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
+                            swiglu_limit, alpha, tiling, packed)     # [T * k, d] fp32
     groups = group_by_expert(experts, num_experts, tiling.block_m)
     num_blocks = groups.block_expert.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -302,7 +350,7 @@ def moe_mxfp4(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.T
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )
-    return _combine(y, x, top_k)
+    return y
 
 
 def _combine(y: torch.Tensor, x: torch.Tensor, top_k: int) -> torch.Tensor:

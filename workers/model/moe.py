@@ -60,6 +60,24 @@ class MoEBackend(ABC):
     ) -> torch.Tensor:
         """x [T, d] -> [T, d]."""
 
+    @abstractmethod
+    def expert_pairs(
+        self,
+        x: torch.Tensor,
+        w: MoEWeights,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        swiglu_limit: float,
+    ) -> torch.Tensor:
+        """The experts alone, for a routing made elsewhere (expert parallelism).
+
+        x [P, d], one row per routed (token, slot) pair; experts [P] int, indices into w's
+        expert tensors (which may hold a subset of the layer's experts; the router fields
+        are not read); weights [P] float32 -> y [P, d] float32 with
+        y[p] = weights[p] * (W2[e] a + b2[e]) for e = experts[p], a as in the module
+        docstring. Summing a token's rows gives `forward`'s output before its final cast.
+        """
+
 
 def route(x: torch.Tensor, w: MoEWeights, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts of each token and their weights: x [T, d] -> ([T, k] int64, [T, k] float32)."""
@@ -95,3 +113,24 @@ class TorchMoE(MoEBackend):
             y = act @ w2.T + w.down_bias[e].float()  # [n, d]
             out.index_add_(0, token, y * weights[token, slot, None])
         return out.to(x.dtype)
+
+    def expert_pairs(
+        self,
+        x: torch.Tensor,
+        w: MoEWeights,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        swiglu_limit: float,
+    ) -> torch.Tensor:
+        """x [P, d], experts [P], weights [P] -> [P, d] float32."""
+        x32 = x.float()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [P, d]
+        for e in torch.unique(experts).tolist():
+            (rows,) = torch.nonzero(experts == e, as_tuple=True)  # [n]
+            w1 = dequantize_mxfp4(w.gate_up_blocks[e], w.gate_up_scales[e])  # [2I, d]
+            w2 = dequantize_mxfp4(w.down_blocks[e], w.down_scales[e])  # [d, I]
+            hidden = x32[rows] @ w1.T + w.gate_up_bias[e].float()  # [n, 2I]
+            act = clamped_swiglu(hidden, swiglu_limit)  # [n, I]
+            y = act @ w2.T + w.down_bias[e].float()  # [n, d]
+            out[rows] = y * weights[rows, None].float()
+        return out

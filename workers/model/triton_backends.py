@@ -26,7 +26,7 @@ import torch
 
 from tandem.kernels.attention import paged_attention, write_kv
 from tandem.kernels.gemv import gemv
-from tandem.kernels.moe import moe_mxfp4
+from tandem.kernels.moe import experts_mxfp4, moe_mxfp4
 from tandem.kernels.rmsnorm import rmsnorm
 from tandem.kernels.rope import rotary_embedding_
 from tandem.workers.model.attention import (
@@ -120,6 +120,28 @@ class TritonMoE(MoEBackend):
             w.down_scales,
             w.down_bias,
             top_k,
+            swiglu_limit,
+        )
+
+    def expert_pairs(
+        self,
+        x: torch.Tensor,
+        w: MoEWeights,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        swiglu_limit: float,
+    ) -> torch.Tensor:
+        """x [P, d], experts [P], weights [P] -> [P, d] fp32: the pairs as tokens of k = 1."""
+        return experts_mxfp4(
+            x,
+            weights.float().reshape(-1, 1),
+            experts.to(torch.int32).reshape(-1, 1),
+            w.gate_up_blocks,
+            w.gate_up_scales,
+            w.gate_up_bias,
+            w.down_blocks,
+            w.down_scales,
+            w.down_bias,
             swiglu_limit,
         )
 
