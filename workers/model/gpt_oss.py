@@ -51,7 +51,10 @@ class GptOssModel(nn.Module):
         attention: AttentionBackend | None = None,
         moe: MoEBackend | None = None,
         device: torch.device | str = "cpu",
+        expert_ids: Sequence[int] | None = None,
     ) -> None:
+        """expert_ids: the global ids of the experts this process holds, ascending (expert
+        parallelism: tandem.workers.expert_parallel); None: every expert."""
         super().__init__()
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point type, got {dtype}")
@@ -59,10 +62,19 @@ class GptOssModel(nn.Module):
         self.dtype = dtype
         self.attention = attention if attention is not None else TorchPagedAttention()
         self.moe = moe if moe is not None else TorchMoE()
+        all_experts = tuple(range(config.num_local_experts))
+        self.expert_ids = all_experts if expert_ids is None else tuple(expert_ids)
+        if any(e not in all_experts for e in self.expert_ids) or list(self.expert_ids) != sorted(
+            set(self.expert_ids)
+        ):
+            raise ValueError(
+                f"expert_ids must be distinct ascending ids in [0, {config.num_local_experts}), "
+                f"got {list(self.expert_ids)}"
+            )
         d = config.hidden_size
         self.embed_tokens = empty_parameter((config.vocab_size, d), dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, self.attention, self.moe, dtype, device)
+            DecoderLayer(config, i, self.attention, self.moe, dtype, device, len(self.expert_ids))
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(d, config.rms_norm_eps, dtype, device)

@@ -290,9 +290,18 @@ class SelfAttention(nn.Module):
 class Experts(nn.Module):
     """Packed MXFP4 expert matrices and their biases (names as in the HF checkpoint)."""
 
-    def __init__(self, config: GptOssConfig, dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        config: GptOssConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        num_experts: int | None = None,
+    ):
+        """num_experts: how many of the layer's experts this process holds (expert
+        parallelism); None: all config.num_local_experts."""
         super().__init__()
-        e, d, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        e = config.num_local_experts if num_experts is None else num_experts
+        d, i = config.hidden_size, config.intermediate_size
         u8 = torch.uint8
         self.gate_up_proj_blocks = empty_parameter((e, 2 * i, d // 32, 16), u8, device)
         self.gate_up_proj_scales = empty_parameter((e, 2 * i, d // 32), u8, device)
@@ -311,10 +320,12 @@ class MoEBlock(nn.Module):
         backend: MoEBackend,
         dtype: torch.dtype,
         device: torch.device | str,
+        num_experts: int | None = None,
     ) -> None:
         super().__init__()
+        # The router always scores every expert; the experts may be a subset (see Experts).
         self.router = Linear(config.hidden_size, config.num_local_experts, True, dtype, device)
-        self.experts = Experts(config, dtype, device)
+        self.experts = Experts(config, dtype, device, num_experts)
         self.backend = backend
         self.top_k = config.num_experts_per_tok
         self.swiglu_limit = config.swiglu_limit
@@ -348,6 +359,7 @@ class DecoderLayer(nn.Module):
         moe: MoEBackend,
         dtype: torch.dtype,
         device: torch.device | str,
+        num_experts: int | None = None,
     ) -> None:
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
@@ -355,7 +367,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(d, eps, dtype, device)
         self.self_attn = SelfAttention(config, layer, attention, dtype, device)
         self.post_attention_layernorm = RMSNorm(d, eps, dtype, device)
-        self.mlp = MoEBlock(config, moe, dtype, device)
+        self.mlp = MoEBlock(config, moe, dtype, device, num_experts)
 
     def forward(
         self,

@@ -15,9 +15,14 @@ The parameters are allocated empty first; each tensor is then checked (name, sha
 and copied straight into its parameter, so the weights never exist twice in memory.
 MXFP4 expert tensors stay packed uint8. Every problem is a CheckpointError naming the file
 and, where there is one, the tensor.
+
+Expert parallelism (`expert_ids`): a process that holds a subset of each layer's experts
+reads only those rows of the expert tensors, through safetensors' lazy slices (one read
+per run of consecutive ids), so it never materialises another rank's experts.
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -72,6 +77,8 @@ class _TensorSpec:
     kind: Kind
     targets: tuple[torch.Tensor, ...]
     # Consecutive row ranges of the tensor go to these, in order (qkv -> q, k, v).
+    rows: tuple[int, ...] | None = None
+    # Only these rows (dim 0: experts) are read, into the one target in this order.
 
 
 def load_model(
@@ -80,8 +87,12 @@ def load_model(
     device: torch.device | str = "cpu",
     attention: AttentionBackend | None = None,
     moe: MoEBackend | None = None,
+    expert_ids: Sequence[int] | None = None,
 ) -> tuple[GptOssModel, GptOssConfig]:
     """Build and fill a GptOssModel from a checkpoint directory.
+
+    expert_ids: the experts (global ids, ascending) this process holds; only their rows of
+    the expert tensors are read (expert parallelism). None: all.
 
     dtype None means bfloat16 on CUDA and float32 elsewhere (CPU has no fast bf16 matmul).
     A backend left None is the default for the device: the Triton kernels on CUDA, the
@@ -95,7 +106,9 @@ def load_model(
         default_attention, default_moe = make_backends(None, device)
         attention = attention if attention is not None else default_attention
         moe = moe if moe is not None else default_moe
-    model = GptOssModel(config, dtype=dtype, attention=attention, moe=moe, device=device)
+    model = GptOssModel(
+        config, dtype=dtype, attention=attention, moe=moe, device=device, expert_ids=expert_ids
+    )
     specs = _original_specs(model) if files.layout == "original" else _hf_specs(model)
     _check_names(files, specs)
     _load_tensors(files, specs)
@@ -232,7 +245,7 @@ def _check_and_copy(f: safe_open, path: Path, spec: _TensorSpec) -> None:
             f"{path}: tensor {spec.name} has dtype {dtype}, expected {' or '.join(allowed)}"
         )
     try:
-        tensor = f.get_tensor(spec.name)
+        tensor = f.get_tensor(spec.name) if spec.rows is None else _read_rows(view, spec.rows)
     except Exception as e:  # safetensors' own error types
         raise CheckpointError(f"{path}: cannot read tensor {spec.name} ({e})") from e
     if spec.kind == "packed" and spec.name.endswith("scales") and bool(
@@ -248,6 +261,18 @@ def _check_and_copy(f: safe_open, path: Path, spec: _TensorSpec) -> None:
             rows = target.shape[0]
             target.copy_(tensor[row : row + rows])
             row += rows
+
+
+def _read_rows(view, rows: tuple[int, ...]) -> torch.Tensor:
+    """Rows `rows` (ascending) of a lazy safetensors slice, one read per consecutive run."""
+    if not rows:
+        return torch.empty((0, *view.get_shape()[1:]), dtype=torch.uint8)
+    parts, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            parts.append(view[rows[start] : rows[i - 1] + 1])
+            start = i
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _hf_specs(model: GptOssModel) -> list[_TensorSpec]:
@@ -277,7 +302,7 @@ def _hf_specs(model: GptOssModel) -> list[_TensorSpec]:
                 _float(p + "self_attn.v_proj.bias", (kv_rows,), attn.v_proj.bias),
                 _float(p + "self_attn.o_proj.bias", (d,), attn.o_proj.bias),
             ]
-        specs += _expert_specs(c, p + "mlp.", layer.mlp, hf_names=True)
+        specs += _expert_specs(c, p + "mlp.", layer.mlp, True, model.expert_ids)
     specs += [
         _float("model.norm.weight", (d,), model.norm.weight),
         _float("lm_head.weight", (v, d), model.lm_head.weight),
@@ -310,7 +335,7 @@ def _original_specs(model: GptOssModel) -> list[_TensorSpec]:
             _float(p + "attn.out.bias", (d,), a.o_proj.bias),
             _float(p + "mlp.norm.scale", (d,), layer.post_attention_layernorm.weight),
         ]
-        specs += _expert_specs(c, p + "mlp.", layer.mlp, hf_names=False)
+        specs += _expert_specs(c, p + "mlp.", layer.mlp, False, model.expert_ids)
     specs += [
         _float("norm.scale", (d,), model.norm.weight),
         _float("unembedding.weight", (v, d), model.lm_head.weight),
@@ -318,9 +343,17 @@ def _original_specs(model: GptOssModel) -> list[_TensorSpec]:
     return specs
 
 
-def _expert_specs(c: GptOssConfig, prefix: str, mlp: MoEBlock, hf_names: bool) -> list[_TensorSpec]:
+def _expert_specs(
+    c: GptOssConfig,
+    prefix: str,
+    mlp: MoEBlock,
+    hf_names: bool,
+    expert_ids: Sequence[int] | None,
+) -> list[_TensorSpec]:
     d, e, i = c.hidden_size, c.num_local_experts, c.intermediate_size
     x = mlp.experts
+    held = tuple(range(e)) if expert_ids is None else tuple(expert_ids)
+    rows = None if held == tuple(range(e)) else held
     if hf_names:
         router, w1, b1 = "router", "experts.gate_up_proj_", "experts.gate_up_proj_bias"
         w2, b2 = "experts.down_proj_", "experts.down_proj_bias"
@@ -329,12 +362,12 @@ def _expert_specs(c: GptOssConfig, prefix: str, mlp: MoEBlock, hf_names: bool) -
     return [
         _float(prefix + f"{router}.weight", (e, d), mlp.router.weight),
         _float(prefix + f"{router}.bias", (e,), mlp.router.bias),
-        _packed(prefix + w1 + "blocks", (e, 2 * i, d // 32, 16), x.gate_up_proj_blocks),
-        _packed(prefix + w1 + "scales", (e, 2 * i, d // 32), x.gate_up_proj_scales),
-        _float(prefix + b1, (e, 2 * i), x.gate_up_proj_bias),
-        _packed(prefix + w2 + "blocks", (e, d, i // 32, 16), x.down_proj_blocks),
-        _packed(prefix + w2 + "scales", (e, d, i // 32), x.down_proj_scales),
-        _float(prefix + b2, (e, d), x.down_proj_bias),
+        _packed(prefix + w1 + "blocks", (e, 2 * i, d // 32, 16), x.gate_up_proj_blocks, rows),
+        _packed(prefix + w1 + "scales", (e, 2 * i, d // 32), x.gate_up_proj_scales, rows),
+        _TensorSpec(prefix + b1, (e, 2 * i), "float", (x.gate_up_proj_bias,), rows),
+        _packed(prefix + w2 + "blocks", (e, d, i // 32, 16), x.down_proj_blocks, rows),
+        _packed(prefix + w2 + "scales", (e, d, i // 32), x.down_proj_scales, rows),
+        _TensorSpec(prefix + b2, (e, d), "float", (x.down_proj_bias,), rows),
     ]
 
 
@@ -342,8 +375,10 @@ def _float(name: str, shape: tuple[int, ...], *targets: torch.Tensor | None) -> 
     return _TensorSpec(name, shape, "float", _present(name, targets))
 
 
-def _packed(name: str, shape: tuple[int, ...], target: torch.Tensor) -> _TensorSpec:
-    return _TensorSpec(name, shape, "packed", (target,))
+def _packed(
+    name: str, shape: tuple[int, ...], target: torch.Tensor, rows: tuple[int, ...] | None = None
+) -> _TensorSpec:
+    return _TensorSpec(name, shape, "packed", (target,), rows)
 
 
 def _present(name: str, targets: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
