@@ -7,6 +7,7 @@ DynamicCache. Configs vary every size the model takes from config.json.
 """
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -185,7 +186,13 @@ def test_original_layout_and_shards_give_identical_logits(tmp_path) -> None:
     sharded, sharded_config = load_model(tmp_path / "sharded", dtype=torch.float32)
     assert sharded_config == hf_config
     assert torch.equal(sharded.forward_full(prompt, block_size=BLOCK_SIZE), expected)
-    # The parent of original/ is accepted too; the OpenAI config carries no special ids.
+    # The parent of original/ is accepted too; the OpenAI config carries no special ids and
+    # no position limit (OpenAI's ModelConfig has neither): the limit is the implied one.
     original, original_config = load_model(tmp_path / "openai", dtype=torch.float32)
-    assert original_config == dataclasses.replace(hf_config, eos_token_id=None, pad_token_id=None)
+    written = json.loads((tmp_path / "openai" / "original" / "config.json").read_text())
+    assert "max_position_embeddings" not in written and "rms_norm_eps" not in written
+    implied = config.rope_scaling.original_max_position_embeddings * config.rope_scaling.factor
+    assert original_config == dataclasses.replace(
+        hf_config, eos_token_id=None, pad_token_id=None, max_position_embeddings=int(implied)
+    )
     assert torch.equal(original.forward_full(prompt, block_size=BLOCK_SIZE), expected)

@@ -24,7 +24,10 @@ class IncrementalDetokenizer:
     """Decodes a stream of token ids into text deltas, never splitting a character.
 
     Invariant: the concatenation of every `push` result and `flush()` equals
-    `tokenizer.decode(all_ids)` (with the same `skip_special_tokens`).
+    `tokenizer.decode(all_ids)` (with the same `skip_special_tokens`). Any id the model
+    can sample is accepted: one past the tokenizer's last token (gpt-oss pads its
+    vocabulary to 201,088 rows) adds no text and never raises, so one such sample cannot
+    take down the engine step that produced it.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:

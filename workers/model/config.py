@@ -295,7 +295,8 @@ class GptOssConfig:
         That file has no layer types, eps, position limit or special ids: the reference
         hard-codes alternating windows (even layers slide), eps 1e-5, never truncates the
         YaRN range, and leaves stop tokens to the tokenizer. `max_position_embeddings` and
-        `rms_norm_eps` are read when present (our writer adds them only when they differ).
+        `rms_norm_eps` are still read when a file has them, though OpenAI's loader rejects
+        both keys and our writer never writes them.
         """
         try:
             return cls._from_original_dict(d)

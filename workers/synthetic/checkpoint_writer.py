@@ -84,6 +84,8 @@ def write_random_checkpoint(
     layout: Literal["hf", "original"] = "hf",
     num_shards: int = 1,
     generation_eos_ids: list[int] | None = None,
+    boost_ids_from: int | None = None,
+    boost: float = 1.0,
 ) -> Path:
     """Write config.json and safetensors for random weights into `directory`; returns it.
 
@@ -91,14 +93,28 @@ def write_random_checkpoint(
     config's eos) and, for num_shards > 1, model.safetensors.index.json. The original
     layout writes OpenAI names and keys; it cannot express every config (layer types must
     alternate starting with sliding, attention must have biases, YaRN must not truncate).
+
+    `boost_ids_from`: unembedding rows from this id on are multiplied by `boost`, so that a
+    model whose vocabulary is padded past its tokenizer (as gpt-oss's is) samples those
+    ids often; the other tensors are the same as without it.
     """
     if layout not in ("hf", "original"):
         raise ValueError(f"layout must be 'hf' or 'original', got {layout!r}")
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if boost_ids_from is not None and not 0 <= boost_ids_from < config.vocab_size:
+        raise ValueError(
+            f"boost_ids_from must lie in [0, vocab_size={config.vocab_size}), got {boost_ids_from}"
+        )
+    if not (isinstance(boost, (int, float)) and math.isfinite(boost) and boost > 0):
+        raise ValueError(f"boost must be a positive finite number, got {boost!r}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     tensors = random_hf_tensors(config, seed)
+    if boost_ids_from is not None:
+        lm_head = tensors["lm_head.weight"].clone()
+        lm_head[boost_ids_from:] = (lm_head[boost_ids_from:].float() * boost).to(lm_head.dtype)
+        tensors["lm_head.weight"] = lm_head
     if layout == "hf":
         _write_json(root / "config.json", hf_config_dict(config))
         _write_json(root / "generation_config.json", _generation_config(config, generation_eos_ids))
@@ -254,7 +270,13 @@ def hf_config_dict(config: GptOssConfig) -> dict:
 
 
 def original_config_dict(config: GptOssConfig) -> dict:
-    """config.json of the OpenAI original/ layout; ValueError for what it cannot express."""
+    """config.json of the OpenAI original/ layout; ValueError for what it cannot express.
+
+    Exactly the fields of OpenAI's `ModelConfig` (gpt_oss/torch/model.py), whose loader
+    builds `ModelConfig(**config)` and so rejects any other key. The position limit is
+    implicit there (initial_context_length * rope_scaling_factor, which is what our loader
+    derives); eps is fixed at 1e-5, so another eps cannot be written.
+    """
     c = config
     alternating = tuple(SLIDING if n % 2 == 0 else FULL for n in range(c.num_hidden_layers))
     if c.layer_types != alternating:
@@ -284,11 +306,11 @@ def original_config_dict(config: GptOssConfig) -> dict:
         "rope_ntk_alpha": y.beta_slow if y else 1.0,
         "rope_ntk_beta": y.beta_fast if y else 32.0,
     }
-    # Keys the OpenAI file lacks, written only when the implied value would be wrong.
-    if d["initial_context_length"] * d["rope_scaling_factor"] != c.max_position_embeddings:
-        d["max_position_embeddings"] = c.max_position_embeddings
     if c.rms_norm_eps != OPENAI_RMS_NORM_EPS:
-        d["rms_norm_eps"] = c.rms_norm_eps
+        raise ValueError(
+            f"original layout: rms_norm_eps must be {OPENAI_RMS_NORM_EPS} (OpenAI's config has "
+            f"no such key), got {c.rms_norm_eps}"
+        )
     return d
 
 

@@ -12,6 +12,16 @@ adds the two things serving needs beyond `tokenizers.Tokenizer`:
 
 Special-token ids are read from the file's added tokens, never hard-coded: the real
 checkpoint has <|start|> = 200006, the tiny test tokenizer has it near 1030.
+
+Ids past the file's last token: gpt-oss's embedding and unembedding have 201,088 rows,
+its tokenizer.json 200,019 tokens, so the model can sample ids the file does not list
+(o200k_harmony calls them <|reserved_200019|> .. <|reserved_201087|>). They are treated
+as special tokens with no text: `token_bytes` gives b"", `decode` (like the library's)
+drops them, `is_special` is True, so streaming and harmony parsing pass over them and the
+id itself still reaches the client. Only a negative id is an error.
+
+OpenAI's `original/` layout: the model repository keeps tokenizer.json in the parent of
+`original/`, so `from_dir(".../original")` looks there when the directory has none.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from pathlib import Path
 import tokenizers
 
 TOKENIZER_FILE = "tokenizer.json"
+# The directory name of OpenAI's layout inside a model repository (see from_dir).
+ORIGINAL_DIR = "original"
 
 # SpecialTokens field -> the token's text. `return_` because `return` is a keyword.
 HARMONY_SPECIAL_STRINGS: dict[str, str] = {
@@ -140,11 +152,16 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str | os.PathLike) -> Tokenizer:
-        """Load `checkpoint_dir/tokenizer.json`."""
-        path = Path(checkpoint_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return cls(path.read_text(encoding="utf-8"), source=str(path))
+        """Load `checkpoint_dir/tokenizer.json`; for an `original/` directory without one,
+        the repository's copy beside it (`checkpoint_dir/../tokenizer.json`)."""
+        root = Path(checkpoint_dir)
+        tried = [root / TOKENIZER_FILE]
+        if root.name == ORIGINAL_DIR:
+            tried.append(root.parent / TOKENIZER_FILE)
+        for path in tried:
+            if path.is_file():
+                return cls(path.read_text(encoding="utf-8"), source=str(path))
+        raise FileNotFoundError("tokenizer file not found: " + " or ".join(str(p) for p in tried))
 
     @classmethod
     def from_tokenizers(cls, tok: tokenizers.Tokenizer) -> Tokenizer:
@@ -208,14 +225,20 @@ class Tokenizer:
             raise ValueError(f"{self.source}: {text!r} is not a special token") from None
 
     def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
+        """A special added token, or an id past the file's last token (a padding row of the
+        model's vocabulary: a reserved control token that carries no text)."""
+        return token_id in self._special_ids or token_id >= len(self._token_bytes)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes token `token_id` stands for (a special token: its text)."""
-        if not 0 <= token_id < len(self._token_bytes):
-            raise ValueError(f"token id {token_id} outside vocabulary [0, {self.vocab_size})")
+        """The bytes token `token_id` stands for (a special token: its text; an id past the
+        file's last token: b"", see the module docstring)."""
+        if token_id < 0:
+            raise ValueError(f"token id {token_id} is negative")
+        if token_id >= len(self._token_bytes):
+            return b""
         return self._token_bytes[token_id]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Decode ids to text; invalid UTF-8 (a cut-off character) becomes U+FFFD."""
+        """Decode ids to text; invalid UTF-8 (a cut-off character) becomes U+FFFD; ids past
+        the file's last token have no text (the library drops them too)."""
         return self._full.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -22,10 +22,17 @@ of an assistant message without a channel, a header cut short by a stop token (o
 that runs past `max_header_tokens`, or contains a newline, which no real header does)
 turns into content, and stray control tokens inside content end the message or are
 dropped.
+
+Reserved tokens (<|reserved_N|>, and ids past the tokenizer's last token, which gpt-oss's
+padded vocabulary lets the model sample) carry nothing anywhere: they are dropped between
+messages, inside a header and inside content. openai-harmony instead writes their text
+("<|reserved_201000|>") into the content; we drop it so that a stray sample cannot leak
+markup into an answer or corrupt a tool call's JSON arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from dataclasses import dataclass
@@ -186,6 +193,8 @@ class HarmonyStreamParser:
             sp.call: "call",
             sp.endoftext: "endoftext",
         }
+        # The named control tokens; any other special id is a reserved one (see above).
+        self._control = frozenset(getattr(sp, f.name) for f in dataclasses.fields(sp))
         self._state = _State.HEADER if role is not None else _State.EXPECT_START
         self._role = role
         self._header_ids: list[int] = []
@@ -233,6 +242,8 @@ class HarmonyStreamParser:
 
     def _header_token(self, token_id: int, events: list[HarmonyEvent]) -> None:
         sp = self._tok.special
+        if self._tok.is_special(token_id) and token_id not in self._control:
+            return  # a reserved token inside a header: nothing to read
         if token_id == sp.message:
             text = self._tok.decode(self._header_ids)
             self._open(parse_header(text, self._role), events)
