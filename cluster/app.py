@@ -1,6 +1,6 @@
 """The Ray Serve application: three deployments, each with its own replicas and resources.
 
-    client ──gRPC──> Ingress (N replicas, one port per node via SO_REUSEPORT)
+    client ──gRPC──> Ingress (N replicas, one per node: each binds the port exclusively)
                        │ ClusterBackend: place, then call decode pinned to d
                        v
                      DecodeServer (M replicas) ──prefill, pinned to p──> PrefillServer (K)
@@ -296,7 +296,6 @@ class Ingress:
                 health_timeout_s=settings.health_timeout_s,
                 tls_cert_file=grpc.tls_cert_file,
                 tls_key_file=grpc.tls_key_file,
-                reuse_port=True,  # several Ingress replicas on one node share the port
             ),
         )
 

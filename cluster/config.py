@@ -161,7 +161,7 @@ class GrpcSettings:
     host: str
     # Address the Ingress replicas bind ("0.0.0.0" in a pod).
     port: int
-    # One port for every Ingress replica of a node (SO_REUSEPORT shares it).
+    # Bound exclusively: one Ingress replica per node (the chart gives each its pod).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # PEM files; both or neither.
@@ -402,6 +402,9 @@ class ConfigOverrides:
     redis_url: str | None = field(default=None, repr=False)
     grpc_host: str | None = None
     grpc_port: int | None = None
+    grpc_tls_cert_file: str | None = None
+    grpc_tls_key_file: str | None = None
+    # PEM certificate chain and key: the gRPC API speaks TLS only.
     api_key_env: str | None = None
     device: str | None = None
     # Engine device of both pools ("cpu", "cuda").
@@ -422,7 +425,12 @@ class ConfigOverrides:
             args["redis_url"] = self.redis_url
         if self.api_key_env is not None:
             args["api_key_env"] = self.api_key_env
-        for key, value in (("host", self.grpc_host), ("port", self.grpc_port)):
+        for key, value in (
+            ("host", self.grpc_host),
+            ("port", self.grpc_port),
+            ("tls_cert_file", self.grpc_tls_cert_file),
+            ("tls_key_file", self.grpc_tls_key_file),
+        ):
             if value is not None:
                 args.setdefault("grpc", {})[key] = value
         if self.device is not None:

@@ -34,14 +34,12 @@ from tandem.cluster.api.backend import (
     GenerationRequest,
     HealthStatus,
     InProcessBackend,
-    InProcessBackendConfig,
     ModelCard,
 )
 from tandem.cluster.api.gen import tandem_pb2 as pb
-from tandem.cluster.api.server import ServerConfig, TandemServer
 from tandem.cluster.client import TandemClient
 from tandem.workers.engine.async_engine import AsyncLLMEngine
-from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.llm_engine import LLMEngine
 from tandem.workers.engine.outputs import RequestOutput, Timings, Usage
 from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.synthetic.tiny_model import default_model_dir
@@ -51,84 +49,18 @@ from tandem.workers.text.harmony import (
     Message,
     render_conversation,
 )
-
-MAX_MODEL_LEN = 256
-ENGINE_CONFIG = EngineConfig(
-    device="cpu",
-    dtype="float32",
-    block_size=8,
-    kv_cache_tokens=2048,
-    max_num_seqs=8,
-    max_num_batched_tokens=64,
-    max_model_len=MAX_MODEL_LEN,
+from tests.support.api_server import (
+    ENGINE_CONFIG,
+    MAX_MODEL_LEN,
+    EventLoopThread,
+    new_backend,
 )
+
 API_KEY = "test-key-0123456789"
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
 
 # ------------------------------------------------------------------------ harness
-
-
-class EventLoopThread:
-    """An asyncio loop on a thread: servers run there, tests talk to them through the
-    blocking client from the test thread, as a real client process would."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start_server(self, backend: GenerationBackend, **config) -> TandemServer:
-        return self.run(TandemServer.start(backend, ServerConfig(port=0, **config)))
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-class FaultHooks:
-    """Faults injected into a real LLMEngine by wrapping two of its methods on the
-    instance (the AsyncLLMEngine thread calls them each loop turn):
-
-    - paused: `has_unfinished` answers False, so admitted requests wait unscheduled;
-    - step_delay_s: each step sleeps first, so a long request stays in flight;
-    - stuck: `has_unfinished` blocks (the engine thread hangs holding its lock);
-    - fail: `step` raises (the engine thread dies).
-    """
-
-    def __init__(self, llm: LLMEngine) -> None:
-        self.paused = threading.Event()
-        self.stuck = threading.Event()
-        self.unstick = threading.Event()
-        self.fail = threading.Event()
-        self.step_delay_s = 0.0
-        real_has_unfinished, real_step = llm.has_unfinished, llm.step
-
-        def has_unfinished() -> bool:
-            if self.stuck.is_set():
-                self.unstick.wait()
-            return not self.paused.is_set() and real_has_unfinished()
-
-        def step():
-            if self.fail.is_set():
-                raise RuntimeError("injected engine failure")
-            if self.step_delay_s:
-                time.sleep(self.step_delay_s)
-            return real_step()
-
-        llm.has_unfinished = has_unfinished  # type: ignore[method-assign]
-        llm.step = step  # type: ignore[method-assign]
-
-
-def new_backend(model_dir: Path, **config) -> tuple[InProcessBackend, LLMEngine, FaultHooks]:
-    llm = LLMEngine.from_model_dir(model_dir, ENGINE_CONFIG)
-    hooks = FaultHooks(llm)
-    backend = InProcessBackend(AsyncLLMEngine(llm), InProcessBackendConfig(**config))
-    return backend, llm, hooks
 
 
 def kv_usage(llm: LLMEngine) -> float:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tandem.cluster.api import limits as input_limits
 from tandem.cluster.api import prepare
 from tandem.cluster.api.backend import GenerationDelta, InvalidRequestError, ModelCard
 from tandem.cluster.api.chat_stream import ChatSplitter
 from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.api.limits import DEFAULT_LIMITS, RequestLimits
 from tandem.cluster.api.prepare import max_prompt_bytes, request_id
 from tandem.workers.engine.outputs import TokenLogprob
 from tandem.workers.engine.sampling_params import SamplingParams
@@ -66,10 +68,15 @@ def chat_sampling_params(msg: pb.SamplingParameters, tokenizer: Tokenizer) -> Sa
 
 
 def prompt_token_ids(
-    request: pb.GenerateRequest, tokenizer: Tokenizer, model: ModelCard, text_limit: int
+    request: pb.GenerateRequest,
+    tokenizer: Tokenizer,
+    model: ModelCard,
+    text_limit: int,
+    limits: RequestLimits = DEFAULT_LIMITS,
 ) -> list[int]:
     """Text is encoded with special tokens disallowed; ids must lie in the vocabulary.
     `text_limit`: max_prompt_bytes(). May take a while on long text: run it off the loop."""
+    input_limits.check_request_bytes(limits, request.ByteSize())
     which = request.WhichOneof("prompt")
     if which == "text":
         return prepare.text_prompt(request.text, tokenizer, text_limit)
@@ -78,8 +85,22 @@ def prompt_token_ids(
     raise InvalidRequestError("prompt", "prompt: give text or token_ids")
 
 
-def conversation(request: pb.ChatRequest, text_limit: int) -> Conversation:
-    """The harmony conversation of a ChatRequest; empty proto strings mean "not given"."""
+def _tool_bytes(t: pb.Tool) -> int:
+    return len(t.name.encode()) + len(t.description.encode()) + len(t.parameters_json.encode())
+
+
+def conversation(
+    request: pb.ChatRequest, text_limit: int, limits: RequestLimits = DEFAULT_LIMITS
+) -> Conversation:
+    """The harmony conversation of a ChatRequest; empty proto strings mean "not given".
+    Sizes are checked (limits.py) before any message or tool is converted."""
+    input_limits.check_chat_sizes(
+        limits,
+        request_bytes=request.ByteSize(),
+        messages=request.messages,
+        tools=request.tools,
+        tool_bytes=_tool_bytes,
+    )
     messages = [
         prepare.message(
             f"messages[{i}]",
@@ -92,7 +113,9 @@ def conversation(request: pb.ChatRequest, text_limit: int) -> Conversation:
         for i, m in enumerate(request.messages)
     ]
     tools = [
-        prepare.tool(f"tools[{i}]", t.name, t.description, t.parameters_json, "parameters_json")
+        prepare.tool(
+            f"tools[{i}]", t.name, t.description, t.parameters_json, "parameters_json", limits
+        )
         for i, t in enumerate(request.tools)
     ]
     effort = REASONING_EFFORTS.get(request.reasoning_effort)

@@ -14,7 +14,6 @@ map SamplingParams' names onto theirs.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -174,8 +173,10 @@ def tool(
     parsed only after its nesting depth is checked (limits.py); a front handing over an
     object it parsed itself checks the depth of its whole body before parsing."""
     where = f"{field}.{parameters_field}"
-    if isinstance(parameters, str):
-        parameters = input_limits.parse_json_object(limits, parameters, where) if parameters else None
+    if isinstance(parameters, str) and parameters:
+        parameters = input_limits.parse_json_object(limits, parameters, where)
+    elif isinstance(parameters, str):
+        parameters = None
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidRequestError(where, f"{where} must be a JSON object")
     try:

@@ -12,8 +12,13 @@ closed only whenever it is garbage-collected.
 
 Status codes: INVALID_ARGUMENT names the field in the message and in the trailing
 metadata key `tandem-field`; RESOURCE_EXHAUSTED when the backend's queue is full;
-DEADLINE_EXCEEDED at the call's deadline; UNAVAILABLE when the backend is down;
-UNAUTHENTICATED without the configured API key (Health excepted, for probes).
+DEADLINE_EXCEEDED at the call's deadline; UNAVAILABLE when the backend is down or the
+server drains; UNAUTHENTICATED without the configured API key (health checks excepted,
+for probes).
+
+Beside tandem.v1.Tandem the server answers the standard grpc.health.v1 service (health.py)
+and server reflection. Its port is its own: bound without SO_REUSEPORT, so a second server
+on a taken port fails to start (PortInUse) instead of silently sharing the traffic.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import hmac
 import logging
 import math
+import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -31,6 +37,8 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from tandem.cluster.api import DEFAULT_GRPC_PORT, convert
 from tandem.cluster.api.backend import (
@@ -43,6 +51,8 @@ from tandem.cluster.api.backend import (
 )
 from tandem.cluster.api.gen import tandem_pb2 as pb
 from tandem.cluster.api.gen import tandem_pb2_grpc
+from tandem.cluster.api.health import HEALTH_SERVICE_NAME, ServerHealth
+from tandem.cluster.api.limits import DEFAULT_LIMITS, RequestLimits
 from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
 from tandem.workers.text.harmony import render_conversation
 
@@ -50,12 +60,22 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tandem.v1.Tandem"
 # Methods callable without the API key: liveness/readiness probes carry no secrets.
-UNAUTHENTICATED_METHODS = frozenset({f"/{SERVICE_NAME}/Health"})
+UNAUTHENTICATED_METHODS = frozenset(
+    {
+        f"/{SERVICE_NAME}/Health",
+        f"/{HEALTH_SERVICE_NAME}/Check",
+        f"/{HEALTH_SERVICE_NAME}/Watch",
+    }
+)
 FIELD_METADATA_KEY = "tandem-field"
 
 
 class DeadlineExceeded(Exception):
     """The call's deadline passed while its stream was running."""
+
+
+class PortInUse(OSError):
+    """Another process (or server) holds the address: ours bind exclusively."""
 
 
 Chunk = TypeVar("Chunk", pb.GenerateChunk, pb.ChatChunk)
@@ -72,16 +92,14 @@ class ServerConfig:
     # of repr so it never reaches a log line.
     health_timeout_s: float = 5.0
     # Health answers NOT_SERVING when the backend's check takes longer than this.
-    max_message_bytes: int = 4 * 1024 * 1024
-    # Largest request accepted (bounds prompt text, conversation, stop lists).
+    limits: RequestLimits = DEFAULT_LIMITS
+    # Bounds on one request (limits.py). Requests over limits.max_request_bytes are
+    # refused with INVALID_ARGUMENT before parsing; the transport drops those over twice
+    # that before reading them.
     tls_cert_file: Path | None = None
     # PEM certificate chain; with tls_key_file, the server speaks TLS only.
     tls_key_file: Path | None = None
     # PEM private key of tls_cert_file.
-    reuse_port: bool = False
-    # Let several servers on one host share the port (SO_REUSEPORT: the kernel spreads
-    # connections), as Ingress replicas on one node do. Off by default, so a stray second
-    # server fails to bind instead of silently taking half the traffic.
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -94,10 +112,6 @@ class ServerConfig:
         if not (math.isfinite(self.health_timeout_s) and self.health_timeout_s > 0):
             raise ValueError(
                 f"ServerConfig.health_timeout_s must be positive, got {self.health_timeout_s}"
-            )
-        if self.max_message_bytes < 1024:
-            raise ValueError(
-                f"ServerConfig.max_message_bytes must be >= 1024, got {self.max_message_bytes}"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("ServerConfig.tls_cert_file and tls_key_file go together")
@@ -164,9 +178,12 @@ def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class TandemServicer(tandem_pb2_grpc.TandemServicer):
-    def __init__(self, backend: GenerationBackend, config: ServerConfig) -> None:
+    def __init__(
+        self, backend: GenerationBackend, config: ServerConfig, health: ServerHealth
+    ) -> None:
         self.backend = backend
         self.config = config
+        self.health = health
         self._text_limit = convert.max_prompt_bytes(backend.tokenizer, backend.models[0])
 
     async def Generate(  # noqa: N802 - gRPC method names are CamelCase
@@ -176,7 +193,12 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             model = self.backend.models[0]
             # Tokenizing releases the GIL: a long prompt does not stall other streams.
             prompt = await asyncio.to_thread(
-                convert.prompt_token_ids, request, self.backend.tokenizer, model, self._text_limit
+                convert.prompt_token_ids,
+                request,
+                self.backend.tokenizer,
+                model,
+                self._text_limit,
+                self.config.limits,
             )
             params = convert.sampling_params(request.params)
             gen = self._request(request.request_id, prompt, params, context)
@@ -189,7 +211,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     ) -> None:
         async def body() -> None:
             tokenizer = self.backend.tokenizer
-            conv = convert.conversation(request, self._text_limit)
+            conv = convert.conversation(request, self._text_limit, self.config.limits)
             prompt = await asyncio.to_thread(render_conversation, conv, tokenizer)
             params = convert.chat_sampling_params(request.params, tokenizer)
             gen = self._request(request.request_id, prompt, params, context)
@@ -201,15 +223,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:
-        timeout = self.config.health_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                status = await self.backend.check_health()
-        except TimeoutError:
-            return _not_serving(f"the backend's health check took longer than {timeout} s")
-        except Exception as err:  # a failing check is an unhealthy backend, not a crash
-            log.warning("health check failed: %r", err)
-            return _not_serving(f"health check failed: {type(err).__name__}")
+        status = await self.health.check()
         if not status.serving:
             return _not_serving(status.detail)
         return pb.HealthResponse(status=pb.HealthResponse.SERVING)
@@ -267,6 +281,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         self, body: Callable[[], Awaitable[None]], context: grpc.aio.ServicerContext
     ) -> None:
         """Run a streaming handler body, turning our exceptions into status codes."""
+        if self.health.draining:
+            # Scale-down: admitted streams finish, new ones go to another replica.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
         try:
             await body()
         except (SamplingParamsError, InvalidRequestError) as err:
@@ -290,20 +307,25 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
 
 @dataclass(frozen=True)
 class MalformedRequest:
-    """Stands in for a request whose bytes did not parse (the handler refuses it)."""
+    """Stands in for a request whose bytes were refused unparsed (the handler refuses it)."""
 
     error: str
 
 
-def _lenient(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
-    """A request deserializer that returns MalformedRequest instead of raising: grpc
-    would answer a parse error with UNKNOWN and the exception text."""
+def _lenient(parse: Callable[[bytes], object], limits: RequestLimits) -> Callable[[bytes], object]:
+    """A request deserializer that returns MalformedRequest instead of raising (grpc would
+    answer a parse error with UNKNOWN and the exception text), and that refuses requests
+    over limits.max_request_bytes before spending any time parsing them."""
 
     def deserialize(data: bytes) -> object:
+        if len(data) > limits.max_request_bytes:
+            return MalformedRequest(
+                f"request is {len(data)} bytes encoded; at most {limits.max_request_bytes}"
+            )
         try:
             return parse(data)
         except DecodeError as err:
-            return MalformedRequest(str(err))
+            return MalformedRequest(f"request: not a valid protobuf message ({err})")
 
     return deserialize
 
@@ -313,7 +335,7 @@ def _guarded(method: Callable[..., Awaitable[object]]) -> Callable[..., Awaitabl
         if isinstance(request, MalformedRequest):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"request: not a valid protobuf message ({request.error})",
+                request.error,
                 trailing_metadata=((FIELD_METADATA_KEY, "request"),),
             )
         return await method(request, context)
@@ -323,7 +345,8 @@ def _guarded(method: Callable[..., Awaitable[object]]) -> Callable[..., Awaitabl
 
 def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
     """Register every method of the service (what the generated add_TandemServicer_to_
-    server does), with request bytes that fail to parse answered by INVALID_ARGUMENT."""
+    server does), with request bytes that fail to parse, or are too many, answered by
+    INVALID_ARGUMENT."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Tandem"].methods:
         request_cls = getattr(pb, method.input_type.name)
@@ -335,7 +358,7 @@ def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
         )
         handlers[method.name] = make(
             _guarded(getattr(servicer, method.name)),
-            request_deserializer=_lenient(request_cls.FromString),
+            request_deserializer=_lenient(request_cls.FromString, servicer.config.limits),
             response_serializer=response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -349,16 +372,63 @@ def _not_serving(detail: str) -> pb.HealthResponse:
     return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING, detail=detail)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUse when `host:port` cannot be bound now, the way the server will bind
+    it (SO_REUSEADDR, no SO_REUSEPORT): `tandem serve` asks before starting Ray, so a taken
+    port fails in a second with one line instead of as a replica that keeps failing."""
+    bare = host.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise PortInUse(f"gRPC host {host!r} does not resolve: {err}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise PortInUse(
+                f"gRPC port {port} on {host} is already in use ({err.strerror})"
+            ) from None
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Bind the configured address (TLS when a certificate is given); PortInUse when
+    another socket holds it. grpc raises a RuntimeError naming no cause and logs the
+    errno, so the message here says what is almost always the reason."""
+    address = f"{config.host}:{config.port}"
+    try:
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise PortInUse(
+            f"gRPC port {config.port} on {config.host} is already in use (or the address "
+            "cannot be bound)"
+        )
+    return port
+
+
 # ----------------------------------------------------------------------------- server
 
 
 class TandemServer:
     """A started grpc.aio server. Create with `await TandemServer.start(backend, config)`."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, port: int, config: ServerConfig, health: ServerHealth
+    ) -> None:
         self._server = server
         self.port = port
         self.config = config
+        self.health = health
 
     @property
     def target(self) -> str:
@@ -374,33 +444,42 @@ class TandemServer:
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", int(config.reuse_port)),
+                ("grpc.max_receive_message_length", 2 * config.limits.max_request_bytes),
+                # grpc's default is on: any later server on the port would share it.
+                ("grpc.so_reuseport", 0),
             ],
         )
-        _add_service(server, TandemServicer(backend, config))
-        address = f"{config.host}:{config.port}"
-        if config.tls_cert_file is not None and config.tls_key_file is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())]
-            )
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind the gRPC server to {address}")
+        health = ServerHealth(
+            backend,
+            config.health_timeout_s,
+            engine_services=(SERVICE_NAME,),
+            other_services=(HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+        )
+        _add_service(server, TandemServicer(backend, config, health))
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = _bind(server, config)
+        address = f"{config.host}:{port}"
         await server.start()
         tls = config.tls_cert_file is not None
         if config.api_key and not tls and config.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("the API key travels in plaintext: serve with TLS beyond loopback")
         log.info("tandem gRPC API on %s (auth %s)", address, "on" if config.api_key else "off")
-        return cls(server, port, config)
+        return cls(server, port, config, health)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
+    async def drain(self) -> None:
+        """Health turns NOT_SERVING (both APIs, for good) and new Generate and Chat calls
+        are refused with UNAVAILABLE; streams already admitted run on."""
+        await self.health.drain()
+
     async def stop(self, grace_s: float | None = 5.0) -> None:
-        """Stop accepting calls; running streams get `grace_s` seconds to finish."""
+        """Drain, then stop accepting calls; running streams get `grace_s` seconds to finish."""
+        await self.drain()
         await self._server.stop(grace_s)
 
 
