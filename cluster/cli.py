@@ -7,6 +7,7 @@
                     [--grpc-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
     tandem client   [--target HOST:PORT] (--prompt TEXT | --chat TEXT | --health) ...
     tandem proto    (prints the gRPC API's .proto, for clients in other languages)
+    tandem loadtest --target HOST:PORT --out DIR [workload, arrivals, bounds, SLO] ...
 
 Every command that takes `--model` uses the embedded tiny model when none is given.
 """
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tandem.cluster import client_cli
+from tandem.cluster.loadtest import cli as loadtest_cli
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -153,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     proto.set_defaults(run=_cmd_proto)
 
     client_cli.register(sub)
+    loadtest_cli.register(sub)
     return parser
 
 

@@ -125,7 +125,12 @@ def test_declared_dependencies_are_exactly_what_the_code_imports():
                 continue
             assert top in distributions, f"{path}: {module} comes from no installed package"
             imported.add(_distribution_of(module, distributions[top]))
-    declared = {_requirement_name(r) for r in PYPROJECT["project"]["dependencies"]}
+    # the runtime dependencies and the optional extras of shipped features (not `dev`)
+    requirements = list(PYPROJECT["project"]["dependencies"])
+    for extra, extra_requirements in PYPROJECT["project"]["optional-dependencies"].items():
+        if extra != "dev":
+            requirements += extra_requirements
+    declared = {_requirement_name(r) for r in requirements}
     assert declared == imported | DECLARED_WITHOUT_IMPORT
 
 
