@@ -4,7 +4,8 @@
     tandem generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3 | --prompts-file F [--ids])
                     --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--json]
     tandem serve    [--model DIR] [--config FILE] [--prefill N] [--decode M] [--host H]
-                    [--grpc-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
+                    [--grpc-port P] [--tls-cert PEM --tls-key PEM] [--redis-url URL]
+                    [--api-key-env VAR] [--device D]
     tandem client   [--target HOST:PORT] (--prompt TEXT | --chat TEXT | --health) ...
     tandem proto    (prints the gRPC API's .proto, for clients in other languages)
     tandem loadtest --target HOST:PORT --out DIR [workload, arrivals, bounds, SLO] ...
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode", type=int, default=None, help="decode replicas")
     serve.add_argument("--host", default=None, help="address the gRPC server binds")
     serve.add_argument("--grpc-port", type=int, default=None)
+    serve.add_argument(
+        "--tls-cert", default=None, metavar="PEM", help="certificate chain: serve gRPC over TLS"
+    )
+    serve.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     serve.add_argument(
         "--redis-url", default=None, help="control-plane Redis (default: start a private one)"
     )

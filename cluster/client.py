@@ -70,12 +70,14 @@ class TandemClient:
         api_key: str | None = None,
         *,
         root_certificates: bytes | None = None,
+        tls: bool = False,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """`target`: host:port. `root_certificates`: PEM CA bundle; given, the channel uses
-        TLS (use this whenever an API key crosses a network)."""
+        TLS and trusts only those CAs (use TLS whenever an API key crosses a network).
+        `tls` without `root_certificates`: TLS verified against the system's CAs."""
         self.target = target
-        if root_certificates is not None:
+        if root_certificates is not None or tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, credentials, options=list(options))
         else:

@@ -1,7 +1,8 @@
 """`tandem client`: talk to a running tandem server over gRPC, streaming to the terminal.
 
-    tandem client [--target HOST:PORT] [--api-key-env VAR] (--prompt TEXT | --chat TEXT |
-                  --health) [--max-tokens N] [--temperature T] [--timeout S] [--json]
+    tandem client [--target HOST:PORT] [--api-key-env VAR] [--tls | --tls-ca PEM]
+                  (--prompt TEXT | --chat TEXT | --health) [--max-tokens N]
+                  [--temperature T] [--timeout S] [--json]
 
 --prompt completes raw text (Generate); --chat sends one user message (Chat) and prints
 the reasoning, then the answer, each under its own heading; --health exits 0 only when
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -40,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"environment variable holding the API key (default {DEFAULT_API_KEY_ENV}, "
         "used when set)",
     )
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--tls", action="store_true", help="TLS, verified against the system's CAs")
+    tls.add_argument("--tls-ca", default=None, metavar="PEM", help="TLS, trusting only this CA")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to complete (Generate)")
     what.add_argument("--chat", help="a user message (Chat, harmony)")
@@ -128,9 +133,25 @@ def _check_health(client: TandemClient, args: argparse.Namespace, out: TextIO) -
     return 0 if response.status == pb.HealthResponse.SERVING else 1
 
 
+def _root_certificates(args: argparse.Namespace) -> bytes | None:
+    path = getattr(args, "tls_ca", None)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise SystemExit(f"tandem client: --tls-ca: {err.strerror}: {path}") from None
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    with TandemClient(args.target, api_key=_api_key(args)) as client:
+    client = TandemClient(
+        args.target,
+        api_key=_api_key(args),
+        root_certificates=_root_certificates(args),
+        tls=getattr(args, "tls", False),
+    )
+    with client:
         try:
             if args.health:
                 return _check_health(client, args, out)

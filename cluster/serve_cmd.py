@@ -1,9 +1,11 @@
 """`tandem serve`: the whole cluster on this machine, from one Serve config file.
 
     tandem serve [--model DIR] [--config FILE] [--prefill N] [--decode M]
-                 [--host H] [--grpc-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
+                 [--host H] [--grpc-port P] [--tls-cert PEM --tls-key PEM]
+                 [--redis-url URL] [--api-key-env VAR] [--device D]
 
-    1. load and validate the config (deploy/serve-config.yaml unless --config), flags on top
+    1. load and validate the config (deploy/serve-config.yaml unless --config), flags on
+       top; refuse at once (one line, non-zero exit) when the gRPC port is taken
     2. a private redis-server (LocalRedis) unless a Redis URL is given
     3. a local Ray with enough logical CPUs for every replica's request
     4. the application through serve.run (Serve's HTTP proxy off: clients speak gRPC)
@@ -18,6 +20,7 @@ import os
 import signal
 from contextlib import ExitStack
 from dataclasses import replace
+from pathlib import Path
 
 from tandem.cluster.config import AppConfig, ConfigError, ConfigOverrides, load_app_config
 
@@ -30,9 +33,23 @@ def overrides_from_args(args: argparse.Namespace) -> ConfigOverrides:
         redis_url=args.redis_url,
         grpc_host=args.host,
         grpc_port=args.grpc_port,
+        grpc_tls_cert_file=_pem_path(args, "tls_cert"),
+        grpc_tls_key_file=_pem_path(args, "tls_key"),
         api_key_env=args.api_key_env,
         device=args.device,
     )
+
+
+def _pem_path(args: argparse.Namespace, name: str) -> str | None:
+    """An absolute path (replicas may run elsewhere in the tree), checked readable here so
+    a typo fails now rather than in an Ingress replica."""
+    value = getattr(args, name, None)
+    if value is None:
+        return None
+    path = Path(value).resolve()
+    if not path.is_file():
+        raise SystemExit(f"tandem serve: --{name.replace('_', '-')}: no such file {value}")
+    return str(path)
 
 
 def logical_cpus(config: AppConfig) -> int:
@@ -80,6 +97,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise SystemExit(f"tandem serve: {err}") from None
     settings = config.settings
+    # Our listeners bind exclusively: a second `tandem serve` on a taken port must not
+    # start a cluster whose Ingress can never bind (nor share the port, as SO_REUSEPORT
+    # would let it).
+    from tandem.cluster.api.server import PortInUse, check_port_free
+
+    try:
+        check_port_free(settings.grpc.host, settings.grpc.port)
+    except PortInUse as err:
+        raise SystemExit(f"tandem serve: {err}") from None
 
     # Imported here: the other commands must not pay for Ray's import.
     import ray
