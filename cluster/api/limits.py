@@ -156,6 +156,45 @@ def parse_json_object(limits: RequestLimits, text: str, field: str) -> dict:
     return value
 
 
+def parse_json_body(limits: RequestLimits, raw: bytes, field: str = "body") -> object:
+    """A JSON request body (HTTP): size, then nesting depth, then json.loads, so neither a
+    huge nor a deeply nested body reaches the parser."""
+    check_request_bytes(limits, len(raw), field)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidRequestError(field, f"{field}: not UTF-8 ({err})") from None
+    check_json_depth(limits, text, field)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise InvalidRequestError(field, f"{field}: not valid JSON ({err})") from None
+
+
+def check_json_chat_sizes(
+    limits: RequestLimits,
+    body: object,
+    messages_key: str = "messages",
+    tools_key: str = "tools",
+) -> None:
+    """check_chat_sizes on a body from parse_json_body (its bytes already checked), before
+    a schema library builds objects for every message (350,000 of them cost seconds
+    there too). Values of the wrong type are left for the schema's own error."""
+    if not isinstance(body, dict):
+        return
+    messages = body.get(messages_key)
+    tools = body.get(tools_key)
+    check_chat_sizes(
+        limits,
+        request_bytes=0,
+        messages=messages if isinstance(messages, list) else (),
+        tools=tools if isinstance(tools, list) else (),
+        tool_bytes=lambda t: len(json.dumps(t, ensure_ascii=False).encode()),
+        messages_field=messages_key,
+        tools_field=tools_key,
+    )
+
+
 def check_logit_bias(limits: RequestLimits, bias: dict, vocab_size: int, field: str) -> None:
     """A logit-bias map {token id: bias}: entry count first, then ids in the vocabulary and
     finite biases in [-100, 100] (OpenAI's range)."""
