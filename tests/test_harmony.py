@@ -8,6 +8,7 @@ openai/harmony test data); a rendered prompt is decoded and compared exactly.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -352,6 +353,28 @@ def test_validation_errors() -> None:
         ToolSpec("bad name")
     with pytest.raises(ValueError, match="duplicate tool names"):
         Conversation([], tools=[WEATHER, WEATHER])
+    with pytest.raises(ValueError, match="builtin_tools: 'shell'"):
+        Conversation([], builtin_tools=("shell",))
+    with pytest.raises(ValueError, match="builtin_tools: duplicates"):
+        Conversation([], builtin_tools=("python", "python"))
+    with pytest.raises(ValueError, match="Message.constrain"):
+        Message("assistant", "x", content_type="json", constrain="yes")  # type: ignore[arg-type]
+
+
+def test_content_type_with_and_without_constrain(tok: Tokenizer) -> None:
+    call = Message("assistant", "print(1)", channel="analysis", recipient="python")
+    assert tok.decode(render_message(replace(call, content_type="code", constrain=False), tok)) == (
+        "<|start|>assistant to=python<|channel|>analysis code<|message|>print(1)<|call|>"
+    )
+    assert tok.decode(render_message(replace(call, content_type="code"), tok)) == (
+        "<|start|>assistant to=python<|channel|>analysis <|constrain|>code"
+        "<|message|>print(1)<|call|>"
+    )
+    # A built-in tool answers under its own name, not "functions.python".
+    result = Message("tool", "1", name="python", channel="analysis")
+    assert tok.decode(render_message(result, tok)).startswith(
+        "<|start|>python to=assistant<|channel|>analysis"
+    )
 
 
 # ---- parsing --------------------------------------------------------------------------

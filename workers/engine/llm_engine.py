@@ -16,7 +16,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +145,11 @@ class LLMEngine:
         engine_config: EngineConfig,
         device: torch.device,
         dtype: torch.dtype,
+        runner_factory: Callable[..., ModelRunner] = ModelRunner,
     ) -> None:
+        """runner_factory(model, blocks_per_group, block_size, device, dtype) makes the
+        runner: an expert-parallel worker passes one whose steps also run on its other
+        ranks (tandem.workers.expert_parallel.engine)."""
         self.config = config
         self.tokenizer = tokenizer
         self.facts = facts
@@ -177,7 +181,7 @@ class LLMEngine:
             ),
             self.kv,
         )
-        self.runner = ModelRunner(model, blocks, ec.block_size, device, dtype)
+        self.runner = runner_factory(model, blocks, ec.block_size, device, dtype)
         # Requests without a seed share one generator, seeded from the OS.
         shared = torch.Generator(device=device)
         shared.seed()

@@ -139,6 +139,13 @@ class ModelRunner:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, index))  # [n, V] fp32
 
+    def check_alive(self) -> None:
+        """Raise when the runner can no longer run steps. One process: never; an
+        expert-parallel runner raises once it lost a rank."""
+
+    def close(self) -> None:
+        """Release what the runner started beyond this process (expert-parallel ranks)."""
+
 
 class DecodeGraphs:
     """CUDA graphs of whole decode steps (forward and logits), one per padded batch size.

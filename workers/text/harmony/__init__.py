@@ -2,13 +2,16 @@
 (render.py), and sampled tokens back into reasoning, answer text and tool calls
 (parse.py)."""
 
+from tandem.workers.text.harmony.builtin_tools import BROWSER, BUILTIN_TOOLS, PYTHON
 from tandem.workers.text.harmony.messages import (
+    BUILTIN_TOOL_NAMES,
     CHANNELS,
     DEFAULT_MODEL_IDENTITY,
     REASONING_EFFORTS,
     ROLES,
     Conversation,
     Message,
+    ToolNamespace,
     ToolSpec,
 )
 from tandem.workers.text.harmony.parse import (
@@ -28,10 +31,19 @@ from tandem.workers.text.harmony.render import (
     render_message,
     system_message_text,
 )
-from tandem.workers.text.harmony.typescript import render_functions_namespace, schema_to_typescript
+from tandem.workers.text.harmony.typescript import (
+    render_functions_namespace,
+    render_namespace,
+    render_tools_section,
+    schema_to_typescript,
+)
 
 __all__ = [
+    "BROWSER",
+    "BUILTIN_TOOLS",
+    "BUILTIN_TOOL_NAMES",
     "CHANNELS",
+    "PYTHON",
     "DEFAULT_MODEL_IDENTITY",
     "REASONING_EFFORTS",
     "ROLES",
@@ -45,12 +57,15 @@ __all__ = [
     "ReasoningDelta",
     "ToolCall",
     "ToolCallDelta",
+    "ToolNamespace",
     "ToolSpec",
     "chat_stop_token_ids",
     "developer_message_text",
     "render_conversation",
     "render_functions_namespace",
     "render_message",
+    "render_namespace",
+    "render_tools_section",
     "schema_to_typescript",
     "system_message_text",
 ]

@@ -14,6 +14,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_EFFORTS = ("low", "medium", "high")
 CHANNELS = ("analysis", "commentary", "final")
 DEFAULT_MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+# The built-in tools a system message can declare (their texts: builtin_tools.py).
+BUILTIN_TOOL_NAMES = ("browser", "python")
 
 # OpenAI's function-name rule; names are rendered into the header (" to=functions.NAME"),
 # where whitespace or markup would break parsing.
@@ -47,11 +49,18 @@ class Message:
     name: str | None = None
     # The tool's name on role "tool" messages (required there); else an author suffix.
     content_type: str | None = None
-    # Content type after <|constrain|>, e.g. "json"; tool calls default to "json".
+    # The header's content type, e.g. "json"; tool calls default to "json".
+    constrain: bool = True
+    # The content type follows <|constrain|> (a constrained format: " <|constrain|>json").
+    # False writes the bare word, as the model does for code sent to a built-in tool
+    # ("to=python code"); the parser sets it from what it read, so parse -> render
+    # gives back the same tokens.
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"Message.role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.constrain, bool):
+            raise ValueError(f"Message.constrain must be a bool, got {self.constrain!r}")
         if not isinstance(self.content, str):
             raise ValueError(f"Message.content must be a str, got {type(self.content).__name__}")
         if self.role == "tool" and not self.name:
@@ -89,6 +98,19 @@ class ToolSpec:
 
 
 @dataclass(frozen=True)
+class ToolNamespace:
+    """A "## NAME" section of a "# Tools" block: the developer message's `functions`, or
+    a built-in tool of the system message (builtin_tools.py)."""
+
+    name: str
+    # The namespace, e.g. "browser"; calls go to "NAME.tool" (or "NAME" without tools).
+    description: str | None
+    # Text under the heading; "// "-commented when the namespace declares tools.
+    tools: tuple[ToolSpec, ...]
+    # Its functions, rendered as TypeScript types inside "namespace NAME { ... }".
+
+
+@dataclass(frozen=True)
 class Conversation:
     """Everything rendered into one prompt: the system and developer headers come from
     the fields here, then `messages` in order."""
@@ -107,10 +129,21 @@ class Conversation:
     # The "Current date:" line (YYYY-MM-DD), omitted when None.
     model_identity: str = DEFAULT_MODEL_IDENTITY
     # The first line of the system message.
+    builtin_tools: tuple[str, ...] = ()
+    # Built-in tools declared in the system message: "browser" and/or "python"
+    # (openai-harmony's SystemContent.with_browser_tool() / with_python_tool()).
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(self.messages))
         object.__setattr__(self, "tools", tuple(self.tools))
+        object.__setattr__(self, "builtin_tools", tuple(self.builtin_tools))
+        for name in self.builtin_tools:
+            if name not in BUILTIN_TOOL_NAMES:
+                raise ValueError(
+                    f"Conversation.builtin_tools: {name!r} is not one of {BUILTIN_TOOL_NAMES}"
+                )
+        if len(set(self.builtin_tools)) != len(self.builtin_tools):
+            raise ValueError(f"Conversation.builtin_tools: duplicates in {self.builtin_tools}")
         for i, m in enumerate(self.messages):
             if not isinstance(m, Message):
                 raise ValueError(f"Conversation.messages[{i}] must be a Message, got {m!r}")

@@ -114,6 +114,8 @@ class _Header:
     channel: str | None
     recipient: str | None
     content_type: str | None
+    constrain: bool = True
+    # Whether the content type followed <|constrain|> (see Message.constrain).
 
     @property
     def tool_name(self) -> str | None:
@@ -167,10 +169,12 @@ def parse_header(text: str, role: str | None) -> _Header:
             recipient = word[3:] or None
         else:
             leftover.append(word)
-    # "to=browser.search code": a bare word after the recipient is its content type.
+    # "to=python code": a bare word after the recipient is its content type, written
+    # without <|constrain|> (kept so that rendering the message gives the same tokens).
+    constrain = True
     if content_type is None and recipient is not None and leftover:
-        content_type = leftover[-1]
-    return _Header(role, name, channel, recipient, content_type)
+        content_type, constrain = leftover[-1], False
+    return _Header(role, name, channel, recipient, content_type, constrain)
 
 
 class HarmonyStreamParser:
@@ -333,6 +337,7 @@ class HarmonyStreamParser:
             recipient=header.recipient,
             name=header.name,
             content_type=header.content_type,
+            constrain=header.constrain,
         )
         self.messages.append(message)
         events.append(MessageEnd(message, terminator))

@@ -17,8 +17,9 @@ content separately), so token ids match what the model saw in training.
 
 from __future__ import annotations
 
-from tandem.workers.text.harmony.messages import Conversation, Message
-from tandem.workers.text.harmony.typescript import render_functions_namespace
+from tandem.workers.text.harmony.builtin_tools import BUILTIN_TOOLS
+from tandem.workers.text.harmony.messages import BUILTIN_TOOL_NAMES, Conversation, Message
+from tandem.workers.text.harmony.typescript import render_functions_namespace, render_tools_section
 from tandem.workers.text.tokenizer import Tokenizer
 
 _CONSTRAIN_MARKER = "<|constrain|>"
@@ -33,17 +34,23 @@ def chat_stop_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 
 
 def system_message_text(conv: Conversation) -> str:
-    """Content of the system message (blank lines between sections, as harmony has)."""
+    """Content of the system message (blank lines between sections, as harmony has):
+    identity and dates, reasoning effort, built-in tools (if any), valid channels."""
     top = [conv.model_identity] if conv.model_identity else []
     top.append(f"Knowledge cutoff: {conv.knowledge_cutoff}")
     if conv.current_date is not None:
         top.append(f"Current date: {conv.current_date}")
+    sections = ["\n".join(top), f"Reasoning: {conv.reasoning_effort}"]
+    if conv.builtin_tools:
+        sections.append(render_tools_section([BUILTIN_TOOLS[n] for n in conv.builtin_tools]))
     channels = (
         "# Valid channels: analysis, commentary, final. Channel must be included for every message."
     )
     if conv.tools:
+        # Only function tools: built-in ones are called on whatever channel the model uses.
         channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
-    return "\n\n".join(["\n".join(top), f"Reasoning: {conv.reasoning_effort}", channels])
+    sections.append(channels)
+    return "\n\n".join(sections)
 
 
 def developer_message_text(conv: Conversation) -> str | None:
@@ -57,8 +64,10 @@ def developer_message_text(conv: Conversation) -> str | None:
 
 
 def _tool_author(name: str) -> str:
-    """A tool result's author: "functions.NAME" unless a namespace is already given."""
-    return name if "." in name else f"functions.{name}"
+    """A tool result's author: "functions.NAME" unless a namespace is already given or the
+    name is a built-in tool ("python" answers as "python"; a function that is itself named
+    "python" must then be written "functions.python")."""
+    return name if "." in name or name in BUILTIN_TOOL_NAMES else f"functions.{name}"
 
 
 def render_message(msg: Message, tokenizer: Tokenizer) -> list[int]:
@@ -84,8 +93,10 @@ def render_message(msg: Message, tokenizer: Tokenizer) -> list[int]:
         ids += enc(f" to={recipient}")
     if channel is not None:
         ids += [sp.channel, *enc(channel)]
-    if content_type is not None:
+    if content_type is not None and msg.constrain:
         ids += [*enc(" "), sp.constrain, *enc(content_type.removeprefix(_CONSTRAIN_MARKER))]
+    elif content_type is not None:
+        ids += enc(f" {content_type}")
     ids += [sp.message, *enc(msg.content)]
     ids.append(sp.call if msg.is_tool_call else sp.end)
     return ids

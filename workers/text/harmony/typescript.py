@@ -16,11 +16,13 @@ non-string default is printed as compact JSON. Example:
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
-from tandem.workers.text.harmony.messages import ToolSpec
+from tandem.workers.text.harmony.messages import ToolNamespace, ToolSpec
 
 
 def _get(schema: Any, key: str) -> Any:
@@ -38,7 +40,51 @@ def _is_enum(schema: Any) -> bool:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON as the harmony renderer (Rust serde_json) prints a value.
+
+    Strings, ints, booleans and null read as Python's json module writes them; floats do
+    not: serde_json prints the shortest round-trip digits in ryu's layout, so 1e-7 is
+    "1e-7" (Python: "1e-07"), 1e22 is "1e22" ("1e+22") and 1e-5 is "0.00001" ("1e-05").
+    """
+    if isinstance(value, float):
+        return _ryu(value)
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k), ensure_ascii=False)}:{_json(v)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_json(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _ryu(x: float) -> str:
+    """A finite float in the layout of ryu's `format64` (what serde_json writes).
+
+    With digits d (no trailing zeros, length n) and value d * 10^k, kk = n + k:
+    0 <= k and kk <= 16: digits, k zeros, ".0"; 0 < kk <= 16: a point inside the digits;
+    -5 < kk <= 0: "0." then -kk zeros then the digits; else scientific "d.ddde<kk-1>".
+    """
+    if not math.isfinite(x):
+        raise ValueError(f"JSON has no representation for {x!r}")
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    sign = "-" if x < 0 else ""
+    # repr() gives the shortest digits that round-trip, as ryu does.
+    _, digit_tuple, k = decimal.Decimal(repr(abs(x))).normalize().as_tuple()
+    digits = "".join(map(str, digit_tuple))
+    assert isinstance(k, int)
+    n = len(digits)
+    kk = n + k
+    if 0 <= k and kk <= 16:
+        body = digits + "0" * k + ".0"
+    elif 0 < kk <= 16:
+        body = digits[:kk] + "." + digits[kk:]
+    elif -5 < kk <= 0:
+        body = "0." + "0" * -kk + digits
+    elif n == 1:
+        body = f"{digits}e{kk - 1}"
+    else:
+        body = f"{digits[0]}.{digits[1:]}e{kk - 1}"
+    return sign + body
 
 
 def _nullable(schema: Any, type_str: str) -> str:
@@ -194,15 +240,32 @@ def _property_union(
     return out
 
 
+def render_namespace(namespace: ToolNamespace) -> str:
+    """One "## NAME" section: the description, then the tools as TypeScript types."""
+    lines = [f"## {namespace.name}\n"]
+    if namespace.description is not None:
+        prefix = "// " if namespace.tools else ""
+        lines.extend(prefix + line for line in _lines(namespace.description))
+    if namespace.tools:
+        lines.append(f"namespace {namespace.name} {{\n")
+        for tool in namespace.tools:
+            lines.extend(f"// {line}" for line in _lines(tool.description))
+            if tool.parameters is None:
+                lines.append(f"type {tool.name} = () => any;\n")
+            else:
+                params = schema_to_typescript(tool.parameters)
+                lines.append(f"type {tool.name} = (_: {params}) => any;\n")
+        lines.append(f"}} // namespace {namespace.name}")
+    return "\n".join(lines)
+
+
+def render_tools_section(namespaces: Sequence[ToolNamespace]) -> str:
+    """The "# Tools" section, namespaces sorted by name (harmony keeps them in a sorted map,
+    so "browser" comes before "python" whatever order they were added in)."""
+    ordered = sorted(namespaces, key=lambda ns: ns.name)
+    return "\n\n".join(["# Tools", *(render_namespace(ns) for ns in ordered)])
+
+
 def render_functions_namespace(tools: Sequence[ToolSpec]) -> str:
     """The "# Tools" section of the developer message for function tools."""
-    lines = ["## functions\n", "namespace functions {\n"]
-    for tool in tools:
-        lines.extend(f"// {line}" for line in _lines(tool.description))
-        if tool.parameters is None:
-            lines.append(f"type {tool.name} = () => any;\n")
-        else:
-            params = schema_to_typescript(tool.parameters)
-            lines.append(f"type {tool.name} = (_: {params}) => any;\n")
-    lines.append("} // namespace functions")
-    return "# Tools\n\n" + "\n".join(lines)
+    return render_tools_section([ToolNamespace("functions", None, tuple(tools))])
