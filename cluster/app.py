@@ -296,6 +296,7 @@ class Ingress:
                 health_timeout_s=settings.health_timeout_s,
                 tls_cert_file=grpc.tls_cert_file,
                 tls_key_file=grpc.tls_key_file,
+                health_port=grpc.health_port,
             ),
         )
 

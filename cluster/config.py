@@ -91,6 +91,7 @@ class GrpcArgs(_Strict):
     port: int = Field(default=DEFAULT_GRPC_PORT, ge=1, le=65535)
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    health_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class DisaggArgs(_Strict):
@@ -165,10 +166,15 @@ class GrpcSettings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # PEM files; both or neither.
+    health_port: int | None = None
+    # A plaintext listener serving only grpc.health.v1 (kubelet's grpc probes speak no
+    # TLS); None: none.
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("grpc.tls_cert_file", "tls_cert_file and tls_key_file go together")
+        if self.health_port is not None and self.health_port == self.port:
+            raise ConfigError("grpc.health_port", "health_port must differ from port")
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,7 @@ class TandemSettings:
                 port=g.port,
                 tls_cert_file=Path(g.tls_cert_file) if g.tls_cert_file else None,
                 tls_key_file=Path(g.tls_key_file) if g.tls_key_file else None,
+                health_port=g.health_port,
             ),
             disagg=disagg,
             placement=_placement_settings(args.placement, disagg),

@@ -289,6 +289,7 @@ def _expected_serve_config(v: dict[str, Any]) -> dict[str, Any]:
     if v["grpc"]["tls"]["enabled"]:
         grpc["tls_cert_file"] = "/etc/tandem/tls/tls.crt"
         grpc["tls_key_file"] = "/etc/tandem/tls/tls.key"
+        grpc["health_port"] = v["grpc"]["healthPort"]
     args: dict[str, Any] = {
         "cluster_name": v["app"]["clusterName"] or RELEASE,
         "model": v["model"]["path"],
@@ -469,7 +470,14 @@ def test_services_reach_the_ingress_ports(rendered):
     assert {p["name"]: p["port"] for p in api["spec"]["ports"]} == wanted
     for p in api["spec"]["ports"]:
         assert ports[p["targetPort"]] == p["port"]
-    assert _ray_container(ingress)["readinessProbe"]["tcpSocket"]["port"] == "grpc"
+    # Kubernetes' own gRPC probe of grpc.health.v1 for the API service; with TLS it asks
+    # the plaintext health-only port (kubelet's gRPC probe speaks no TLS).
+    probe = _ray_container(ingress)["readinessProbe"]["grpc"]
+    health_port = v["grpc"]["healthPort"] if v["grpc"]["tls"]["enabled"] else v["grpc"]["port"]
+    assert probe == {"port": health_port, "service": "tandem.v1.Tandem"}
+    if v["grpc"]["tls"]["enabled"]:
+        assert ports["grpc-health"] == health_port
+        assert health_port not in [p["port"] for p in api["spec"]["ports"]]
 
 
 def test_grpc_tls_files_are_mounted_from_the_secret(renderings):

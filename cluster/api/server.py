@@ -100,6 +100,9 @@ class ServerConfig:
     # PEM certificate chain; with tls_key_file, the server speaks TLS only.
     tls_key_file: Path | None = None
     # PEM private key of tls_cert_file.
+    health_port: int | None = None
+    # A second, plaintext listener on `host` that serves only grpc.health.v1, for probes
+    # that speak no TLS (kubelet's `grpc:` probes); None: no such listener. 0 picks one.
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -115,6 +118,12 @@ class ServerConfig:
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("ServerConfig.tls_cert_file and tls_key_file go together")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(
+                f"ServerConfig.health_port must be in [0, 65535], got {self.health_port}"
+            )
+        if self.health_port is not None and self.health_port == self.port != 0:
+            raise ValueError("ServerConfig.health_port must differ from port")
 
 
 # ------------------------------------------------------------------------------ auth
@@ -393,27 +402,33 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Bind the configured address (TLS when a certificate is given); PortInUse when
-    another socket holds it. grpc raises a RuntimeError naming no cause and logs the
-    errno, so the message here says what is almost always the reason."""
-    address = f"{config.host}:{config.port}"
+def _bind(server: grpc.aio.Server, config: ServerConfig, port: int, tls: bool = True) -> int:
+    """Bind `port` on the configured host (TLS when a certificate is given and `tls`);
+    PortInUse when another socket holds it. grpc raises a RuntimeError naming no cause and
+    logs the errno, so the message here says what is almost always the reason."""
+    address = f"{config.host}:{port}"
     try:
-        if config.tls_cert_file is not None and config.tls_key_file is not None:
+        if tls and config.tls_cert_file is not None and config.tls_key_file is not None:
             credentials = grpc.ssl_server_credentials(
                 [(config.tls_key_file.read_bytes(), config.tls_cert_file.read_bytes())]
             )
-            port = server.add_secure_port(address, credentials)
+            bound = server.add_secure_port(address, credentials)
         else:
-            port = server.add_insecure_port(address)
+            bound = server.add_insecure_port(address)
     except RuntimeError:
-        port = 0
-    if port == 0:
+        bound = 0
+    if bound == 0:
         raise PortInUse(
-            f"gRPC port {config.port} on {config.host} is already in use (or the address "
+            f"gRPC port {port} on {config.host} is already in use (or the address "
             "cannot be bound)"
         )
-    return port
+    return bound
+
+
+def _exclusive_server(**kwargs: object) -> grpc.aio.Server:
+    # grpc's default for grpc.so_reuseport is on: any later server on the port would share it.
+    options = [("grpc.so_reuseport", 0), *kwargs.pop("options", ())]
+    return grpc.aio.server(options=options, **kwargs)
 
 
 # ----------------------------------------------------------------------------- server
@@ -423,10 +438,19 @@ class TandemServer:
     """A started grpc.aio server. Create with `await TandemServer.start(backend, config)`."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, config: ServerConfig, health: ServerHealth
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        config: ServerConfig,
+        health: ServerHealth,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int | None = None,
     ) -> None:
         self._server = server
+        self._health_server = health_server
         self.port = port
+        self.health_port = health_port
+        # The plaintext health-only listener's port (None: none).
         self.config = config
         self.health = health
 
@@ -441,13 +465,9 @@ class TandemServer:
     @classmethod
     async def start(cls, backend: GenerationBackend, config: ServerConfig) -> TandemServer:
         interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
-        server = grpc.aio.server(
+        server = _exclusive_server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", 2 * config.limits.max_request_bytes),
-                # grpc's default is on: any later server on the port would share it.
-                ("grpc.so_reuseport", 0),
-            ],
+            options=[("grpc.max_receive_message_length", 2 * config.limits.max_request_bytes)],
         )
         health = ServerHealth(
             backend,
@@ -460,14 +480,21 @@ class TandemServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = _bind(server, config)
+        port = _bind(server, config, config.port)
         address = f"{config.host}:{port}"
+        health_server, health_port = None, None
+        if config.health_port is not None:
+            # The same ServerHealth answers here: one engine check, one drain.
+            health_server = _exclusive_server(options=[("grpc.max_receive_message_length", 1024)])
+            health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
+            health_port = _bind(health_server, config, config.health_port, tls=False)
+            await health_server.start()
         await server.start()
         tls = config.tls_cert_file is not None
         if config.api_key and not tls and config.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("the API key travels in plaintext: serve with TLS beyond loopback")
         log.info("tandem gRPC API on %s (auth %s)", address, "on" if config.api_key else "off")
-        return cls(server, port, config, health)
+        return cls(server, port, config, health, health_server, health_port)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -481,6 +508,8 @@ class TandemServer:
         """Drain, then stop accepting calls; running streams get `grace_s` seconds to finish."""
         await self.drain()
         await self._server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
 
 async def serve(backend: GenerationBackend, config: ServerConfig) -> None:

@@ -119,6 +119,10 @@ of the pool's custom resource and every replica of the pool asks for one.
             {{- if eq .pool "ingress" }}
             - name: grpc
               containerPort: {{ int $v.grpc.port }}
+            {{- if $v.grpc.tls.enabled }}
+            - name: grpc-health
+              containerPort: {{ int $v.grpc.healthPort }}
+            {{- end }}
             {{- if $v.http.enabled }}
             - name: http
               containerPort: {{ int $v.http.port }}
@@ -127,11 +131,17 @@ of the pool's custom resource and every replica of the pool asks for one.
             - name: metrics
               containerPort: {{ int $v.metrics.port }}
           {{- if eq .pool "ingress" }}
-          # Traffic readiness: the Ingress replica of this pod has bound the gRPC port.
+          # Traffic readiness through grpc.health.v1 (cluster/api/health.py): the Ingress
+          # replica of this pod answers SERVING for tandem.v1.Tandem only while its engine
+          # check passes and it is not draining. kubelet's grpc probe speaks no TLS (and
+          # takes a port number, not a name): with TLS on it asks the plaintext health-only
+          # port. The timeout is above the ingress's engine-check timeout (5 s by default).
           readinessProbe:
-            tcpSocket:
-              port: grpc
+            grpc:
+              port: {{ ternary (int $v.grpc.healthPort) (int $v.grpc.port) $v.grpc.tls.enabled }}
+              service: tandem.v1.Tandem
             periodSeconds: 5
+            timeoutSeconds: 6
             failureThreshold: 3
           {{- else }}
           # Raylet health (Ray >= 2.53). Set here because KubeRay's default readiness for

@@ -47,6 +47,7 @@ $TANDEM_API_KEY, both set from Secrets in the pods (see tandem.rayEnv).
 {{- if $v.grpc.tls.enabled -}}
 {{- $_ := set $grpc "tls_cert_file" (printf "%s/tls.crt" (include "tandem.tlsDir" .)) -}}
 {{- $_ := set $grpc "tls_key_file" (printf "%s/tls.key" (include "tandem.tlsDir" .)) -}}
+{{- $_ := set $grpc "health_port" (int $v.grpc.healthPort) -}}
 {{- end -}}
 {{- $engine := dict "prefill" (include "tandem.engineArgs" (dict "ctx" . "pool" "prefill") | fromYaml) "decode" (include "tandem.engineArgs" (dict "ctx" . "pool" "decode") | fromYaml) -}}
 {{- $args := dict "cluster_name" (default (include "tandem.fullname" .) $v.app.clusterName) "model" $v.model.path "redis_url_env" "TANDEM_REDIS_URL" "grpc" $grpc "engine" $engine -}}
