@@ -153,7 +153,10 @@ HOSTILE_CHATS = {
         ),
         "tools[0].parameters_json",
     ),
-    "350,000 empty messages": (pb.ChatRequest(messages=_user(350_000)), "messages"),
+    # Now over max_request_bytes (2 MiB): refused before it is parsed.
+    "350,000 empty messages": (pb.ChatRequest(messages=_user(350_000)), "request"),
+    # Under it (1.6 MB): refused by count before any message is converted.
+    "200,000 empty messages": (pb.ChatRequest(messages=_user(200_000)), "messages"),
     "too many tools": (
         pb.ChatRequest(messages=_user(1), tools=[pb.Tool(name=f"f{i}") for i in range(129)]),
         "tools",
@@ -166,7 +169,7 @@ HOSTILE_CHATS = {
         "tools",
     ),
     "over the request bytes": (
-        pb.ChatRequest(messages=[pb.ChatMessage(role="user", name="n" * 4_200_000)]),
+        pb.ChatRequest(messages=[pb.ChatMessage(role="user", name="n" * 3_000_000)]),
         "request",
     ),
     "many stop strings": (
@@ -189,8 +192,8 @@ def test_hostile_chat_is_invalid_argument_naming_the_field(client, case):
 
 def test_hostile_generate_is_invalid_argument_naming_the_field(client):
     cases = [
-        # 5 MB of ids (5 bytes each): refused by size before it is even parsed.
-        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**30] * 1_000_000)), "request"),
+        # 3 MB of ids (5 bytes each): refused by size before it is even parsed.
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**30] * 600_000)), "request"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * (MAX_MODEL_LEN + 1))), "prompt"),
         (
             pb.GenerateRequest(

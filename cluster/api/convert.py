@@ -96,7 +96,7 @@ def conversation(
     Sizes are checked (limits.py) before any message or tool is converted."""
     input_limits.check_chat_sizes(
         limits,
-        request_bytes=request.ByteSize(),
+        request_bytes=request.ByteSize,
         messages=request.messages,
         tools=request.tools,
         tool_bytes=_tool_bytes,

@@ -30,9 +30,12 @@ from tandem.cluster.api.backend import InvalidRequestError
 
 @dataclass(frozen=True)
 class RequestLimits:
-    max_request_bytes: int = 4 * 1024 * 1024
-    # Encoded size of one request (protobuf bytes, or an HTTP body). The gRPC transport
-    # itself refuses messages over twice this before reading them (RESOURCE_EXHAUSTED).
+    max_request_bytes: int = 2 * 1024 * 1024
+    # Encoded size of one request (protobuf bytes, or an HTTP body): over three times a
+    # full 131,072-token gpt-oss context of text (~4.5 bytes a token). Checked before
+    # parsing: parsing 2.8 MB of 350,000 messages alone takes ~30 ms of the front's
+    # thread. The gRPC transport refuses messages over twice this before reading them
+    # (RESOURCE_EXHAUSTED).
     max_messages: int = 4096
     # Messages in one conversation. Counted before any is looked at: 350,000 empty
     # messages are 2.8 MB yet cost seconds of CPU to convert and render.
@@ -74,7 +77,7 @@ Tool = TypeVar("Tool")
 def check_chat_sizes(
     limits: RequestLimits,
     *,
-    request_bytes: int,
+    request_bytes: int | Callable[[], int],
     messages: Sized,
     tools: Sequence[Tool],
     tool_bytes: Callable[[Tool], int],
@@ -82,11 +85,12 @@ def check_chat_sizes(
     tools_field: str = "tools",
 ) -> None:
     """A chat request's sizes, cheapest first and before any message or tool is converted:
-    encoded bytes, message count, tool count, then the tools' total text (`tool_bytes`
-    measures one tool as the front holds it)."""
-    check_request_bytes(limits, request_bytes)
+    message and tool counts, encoded bytes (`request_bytes` may be a function: a proto's
+    ByteSize() walks every message), then the tools' total text (`tool_bytes` measures one
+    tool as the front holds it)."""
     check_count(messages_field, len(messages), limits.max_messages, "messages")
     check_count(tools_field, len(tools), limits.max_tools, "tools")
+    check_request_bytes(limits, request_bytes() if callable(request_bytes) else request_bytes)
     check_tool_bytes(limits, sum(tool_bytes(t) for t in tools), tools_field)
 
 
