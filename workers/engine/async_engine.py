@@ -46,10 +46,13 @@ class AsyncLLMEngine:
     # ---------------------------------------------------------------- engine thread
 
     def _loop(self) -> None:
+        pings: list[threading.Event] = []
         try:
             while not self._stopped:
                 with self._lock:
                     pings, self._pings = self._pings, []
+                    if pings:  # a health check: also whether every rank still runs steps
+                        self.engine.runner.check_alive()
                     outputs = self.engine.step() if self.engine.has_unfinished() else []
                 for ping in pings:
                     ping.set()
@@ -62,6 +65,8 @@ class AsyncLLMEngine:
             self._error = err
             for request_id in list(self._queues):
                 self._deliver_error(request_id, err)
+            for ping in pings + self._pings:  # health checks answer False now, not at timeout
+                ping.set()
 
     def _deliver(self, out: RequestOutput) -> None:
         entry = self._queues.get(out.request_id)
@@ -138,13 +143,15 @@ class AsyncLLMEngine:
         self._queues.pop(request_id, None)
 
     async def check_health(self, timeout_s: float = 5.0) -> bool:
-        """True when the engine thread completes a loop turn within the timeout."""
+        """True when the engine thread completes a loop turn within the timeout and the
+        runner is alive (an expert-parallel worker: every rank)."""
         if self._error is not None or not self._thread.is_alive():
             return False
         ping = threading.Event()
         self._pings.append(ping)
         self._wake.set()
-        return await asyncio.to_thread(ping.wait, timeout_s)
+        answered = await asyncio.to_thread(ping.wait, timeout_s)
+        return answered and self._error is None
 
     def metrics(self) -> dict[str, float]:
         with self._lock:
@@ -155,6 +162,8 @@ class AsyncLLMEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.engine.runner.close()  # expert-parallel ranks stop with the engine
         if self._error is None:
             self._error = RuntimeError("engine shut down")
         for request_id in list(self._queues):

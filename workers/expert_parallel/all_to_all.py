@@ -71,5 +71,5 @@ class AllToAllDispatcher(ExpertDispatcher):
         part = torch.zeros((rows_per_rank, d), dtype=torch.float32, device=x.device)
         part.index_add_(0, token - lo, y_back)
         gathered = torch.empty((world * rows_per_rank, d), dtype=torch.float32, device=x.device)
-        dist.all_gather_into_tensor(gathered, part, group=self.group)
+        dist.all_gather_single(gathered, part, group=self.group)
         return gathered[:num_tokens]

@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from tandem.workers.disagg.transfer.pair import connect_store, host_store
 
+__all__ = ["connect_store", "host_rendezvous", "join_group", "leave_group", "backend_for"]
+
 LOOPBACK = "127.0.0.1"
 _PREFIX = "tandem/ep/"
 

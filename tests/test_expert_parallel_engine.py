@@ -1,0 +1,119 @@
+"""A worker of N = 2 expert-parallel ranks on CPU (rank 0 here, rank 1 a spawned follower
+process, a real gloo group) against the one-process engine on the tiny model: greedy
+tokens identical, logprobs equal within fp32 tolerance, both dispatchers; a follower
+killed mid-generation fails the step with an error naming it and turns health false."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.workers.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.runner import ModelRunner
+from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.expert_parallel.config import ExpertParallelConfig
+from tandem.workers.expert_parallel.engine import (
+    ExpertParallelFailure,
+    ExpertParallelRunner,
+    build_engine,
+)
+from tandem.workers.expert_parallel.step_messages import StepInputs
+
+ENGINE = EngineConfig(device="cpu", kv_cache_tokens=1024, max_num_batched_tokens=32,
+                      max_num_seqs=8)
+# The tiny model's sliding window is 16: the first prompt is longer, and 32-token step
+# budgets split it into prefill chunks; the second decodes beside it.
+PROMPTS = [list(range(3, 43)), [7, 8, 9]]
+TOKENS = 64
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    engine = LLMEngine.from_model_dir(tiny_model_dir, ENGINE)
+    return engine.generate(PROMPTS, _greedy(TOKENS))
+
+
+def test_step_inputs_round_trip():
+    step = StepInputs(
+        token_ids=(5, 6, 7, 9), seq_lens=(7, 12), num_new_tokens=(3, 1),
+        block_tables=(((4, 1), (2, -1, 8)), ((0, 3), (-1, -1, 6))),
+    )
+    header, body = step.encode()
+    assert StepInputs.decode(header, body, num_groups=2) == step
+    assert step.positions() == [4, 5, 6, 11]
+    with pytest.raises(ValueError, match="body"):
+        StepInputs.decode(header, body[:-1], num_groups=2)
+
+
+def test_config_names_the_bad_field():
+    for kwargs, field in [({"size": 0}, "size"), ({"placement": "x"}, "placement"),
+                          ({"dispatch": "x"}, "dispatch"), ({"timeout_s": 0}, "timeout_s")]:
+        with pytest.raises(ValueError, match=field):
+            ExpertParallelConfig(**kwargs)
+
+
+def test_one_rank_is_the_plain_engine(tiny_model_dir):
+    engine = build_engine(tiny_model_dir, ENGINE, ExpertParallelConfig(size=1))
+    assert type(engine.runner) is ModelRunner
+
+
+@pytest.mark.parametrize(("dispatch", "placement", "tokens"),
+                         [("replicated", "round_robin", TOKENS), ("all_to_all", "contiguous", 16)])
+def test_two_ranks_equal_one_process(tiny_model_dir, reference, dispatch, placement, tokens):
+    ep = ExpertParallelConfig(size=2, dispatch=dispatch, placement=placement, timeout_s=60)
+    engine = build_engine(tiny_model_dir, ENGINE, ep)
+    try:
+        assert isinstance(engine.runner, ExpertParallelRunner)
+        # Rank 0 holds 3 of the 6 experts.
+        assert engine.runner.model.layers[0].mlp.experts.down_proj_blocks.shape[0] == 3
+        got = engine.generate(PROMPTS, _greedy(tokens))
+    finally:
+        engine.runner.close()
+    for ours, theirs in zip(got, reference, strict=True):
+        assert ours.token_ids == theirs.token_ids[:tokens]
+        for a, b in zip(ours.logprobs, theirs.logprobs, strict=False):
+            assert a.token_id == b.token_id
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
+    for p in engine.runner.followers.processes:
+        assert p.returncode == 0  # STOPped cleanly
+
+
+def test_killed_follower_fails_the_worker(tiny_model_dir):
+    ep = ExpertParallelConfig(size=2, timeout_s=20)
+    engine = build_engine(tiny_model_dir, ENGINE, ep)
+    follower = engine.runner.followers.processes[0]
+    async_engine = AsyncLLMEngine(engine)
+
+    async def scenario() -> tuple[list[int], BaseException | None, bool, bool]:
+        assert await async_engine.check_health(timeout_s=30)
+        received: list[int] = []
+        error = None
+        try:
+            async for out in async_engine.generate([3, 4, 5], _greedy(200)):
+                received.extend(out.token_ids)
+                if len(received) >= 3 and follower.poll() is None:
+                    follower.kill()  # mid-generation
+        except Exception as err:  # the stream ends with the engine's failure
+            error = err
+        healthy = await async_engine.check_health(timeout_s=30)
+        return received, error, healthy, follower.poll() is not None
+
+    try:
+        received, error, healthy, reaped = asyncio.run(scenario())
+    finally:
+        async_engine.shutdown()
+    assert 3 <= len(received) < 200
+    # The stream ends with the engine's death, whose cause names the lost rank.
+    assert isinstance(error, EngineDeadError), repr(error)
+    assert "ExpertParallelFailure" in str(error) and "rank 1 exited with code -9" in str(error)
+    assert not healthy and reaped
+    with pytest.raises(ExpertParallelFailure, match="rank 1"):
+        engine.runner.check_alive()
