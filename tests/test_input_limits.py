@@ -337,3 +337,53 @@ def test_fuzzed_bytes_convert_or_are_refused(data, kind, tokenizer, card):
     except Exception:  # DecodeError: the server answers INVALID_ARGUMENT "request"
         return
     (run_chat if kind == "chat" else run_generate)(request, tokenizer, card)
+
+
+# ------------------------------------------------- JSON bodies (the HTTP front's path)
+
+
+def test_json_body_limits_name_the_field():
+    cases = [
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+        (b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+        (b"\xff\xfe", "body"),
+        (b'{"messages": [', "body"),
+        (b" " * (LIMITS.max_request_bytes + 1), "body"),
+    ]
+    for raw, field in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            limits.parse_json_body(LIMITS, raw)
+        assert info.value.field == field, raw[:40]
+    many = json.dumps({"messages": [{}] * (LIMITS.max_messages + 1)}).encode()
+    tools = json.dumps({"messages": [], "tools": [{}] * (LIMITS.max_tools + 1)}).encode()
+    items = json.dumps({"input": [{}] * (LIMITS.max_messages + 1)}).encode()
+    for raw, key, field in (
+        (many, "messages", "messages"),
+        (tools, "messages", "tools"),
+        (items, "input", "input"),
+    ):
+        body = limits.parse_json_body(LIMITS, raw)
+        with pytest.raises(InvalidRequestError) as info:
+            limits.check_json_chat_sizes(LIMITS, body, messages_key=key)
+        assert info.value.field == field
+    ok = {"messages": [{"role": "user", "content": "[[["}], "tools": [{"type": "function"}]}
+    assert limits.parse_json_body(LIMITS, json.dumps(ok).encode()) == ok
+    limits.check_json_chat_sizes(LIMITS, ok)
+
+
+JSON_BODIES = st.one_of(
+    st.binary(max_size=512),
+    JSON_VALUES.map(lambda v: json.dumps({"messages": v, "tools": v}).encode()),
+    st.integers(0, 5000).map(lambda n: b'{"messages": ' + b"[" * n + b"]" * n + b"}"),
+    st.integers(0, 5000).map(lambda n: b"{" * n),
+)
+
+
+@FUZZ
+@given(raw=JSON_BODIES, key=st.sampled_from(["messages", "input"]))
+def test_fuzzed_json_bodies_parse_or_are_refused(raw, key):
+    try:
+        body = limits.parse_json_body(LIMITS, raw)
+        limits.check_json_chat_sizes(LIMITS, body, messages_key=key)
+    except InvalidRequestError:
+        pass
