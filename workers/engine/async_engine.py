@@ -58,7 +58,7 @@ class AsyncLLMEngine:
                     ping.set()
                 for out in outputs:
                     self._deliver(out)
-                if not outputs:
+                if not outputs and not self.engine.step_in_flight:
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
         except BaseException as err:  # the engine is broken: fail every waiting caller

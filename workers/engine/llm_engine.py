@@ -12,9 +12,11 @@ runs the same loop on a thread for asyncio callers.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +60,13 @@ class EngineConfig:
     # Attention and MoE implementation: "triton" (kernels/) or "torch" (the references);
     # None: triton on cuda, torch elsewhere.
     kernels: str | None = None
+    # Compile kernels and capture CUDA graphs for every step shape before from_model_dir
+    # returns (progress on stderr), so no request pays for them; None: on cuda only.
+    warm_up: bool | None = None
+    # Asynchronous scheduling: plan and launch the next decode step before reading the
+    # current one's tokens back, and detokenize behind the GPU (see LLMEngine.step);
+    # None: on cuda only.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
@@ -114,6 +123,10 @@ class RemoteSlot:
 
 _FINISHED = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
+# Stands in a request's output for a token sampled on the device and not yet read back
+# (asynchronous scheduling); replaced before anything reads the token's value.
+PENDING_TOKEN = -1
+
 
 @dataclass
 class _RequestState:
@@ -133,6 +146,23 @@ class _RequestState:
     ticket: TransferTicket | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched on the device whose tokens the host has not read yet."""
+
+    out: SchedulerOutput
+    # Per row of out.scheduled: the state it was launched for, its greedy token on the
+    # device [B] int64, the same tokens copied to host memory once `copied` is reached.
+    states: list[_RequestState]
+    token_ids: torch.Tensor
+    host_ids: torch.Tensor
+    copied: torch.cuda.Event | None
+    # Request id -> row.
+    rows: dict[str, int]
+    # Per row: index of its PENDING_TOKEN in request.output_token_ids (-1: none appended).
+    slots: list[int] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -191,6 +221,15 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generated_tokens = 0
         self._preemptions = 0
+        # Public: a benchmark may switch it between steps (a step in flight is drained).
+        # Only over a runner whose execute() takes the step's tokens on the device: one that
+        # overrides execute() without `input_ids` (the expert-parallel runner, which sends
+        # the host's token ids to its other ranks) keeps the synchronous path.
+        self.async_scheduling = (
+            ec.async_scheduling if ec.async_scheduling is not None else device.type == "cuda"
+        ) and "input_ids" in inspect.signature(self.runner.execute).parameters
+        self._inflight: _InFlight | None = None
+        self._pipelined_steps = 0
         self._started = time.monotonic()
 
     @classmethod
@@ -206,7 +245,35 @@ class LLMEngine:
         )
         tokenizer = Tokenizer.from_dir(model_dir)
         facts = ModelFacts.read(model_dir, config, ec.max_model_len)
-        return cls(model, config, tokenizer, facts, ec, device, dtype)
+        engine = cls(model, config, tokenizer, facts, ec, device, dtype)
+        if ec.warm_up if ec.warm_up is not None else device.type == "cuda":
+            engine.warm_up()
+        return engine
+
+    def warm_up(self, progress=None) -> float:
+        """Compile every kernel variant, capture every decode graph and run the sampler's
+        paths once, before the first request; returns the seconds it took. `progress`
+        receives a line per stage (default: stderr). Only before any request: the
+        throwaway steps write KV block 0."""
+        if self._states or self.scheduler.has_work:
+            raise RuntimeError("warm_up must run before any request is added")
+        say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+        begin = time.monotonic()
+        ec = self.engine_config
+        self.runner.warm_up(ec.max_num_batched_tokens, ec.max_num_seqs, say)
+        vocab = self.config.vocab_size
+        for rows in (1, 3):
+            logits = torch.zeros(rows, vocab, device=self.device)
+            params = [SamplingParams(temperature=0.0, logprobs=2)] + [
+                SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.01)
+            ] * (rows - 1)
+            self.sampler.sample(logits, params, [None] * rows, [([0], [])] * rows,
+                                [[0]] * rows).token_ids.tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.monotonic() - begin
+        say(f"warm-up: ready in {elapsed:.1f} s")
+        return elapsed
 
     # ------------------------------------------------------------------ requests
 
@@ -362,10 +429,18 @@ class LLMEngine:
             placeholder = [[0] * len(g) for g in state.ticket.logical_blocks]
             self.kv_sender.begin(state.ticket, placeholder).abandon("request aborted")
         self.scheduler.abort(request_id)
+        outputs = state.request.output_token_ids
+        if outputs and outputs[-1] == PENDING_TOKEN:
+            outputs.pop()  # its step is in flight; the token is dropped unread
         return self._delta(state, finished=True, reason="abort", text="")
 
     def has_unfinished(self) -> bool:
         return bool(self._states)
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A step's tokens are still on the device: the next step() returns them."""
+        return self._inflight is not None
 
     def running_ids(self) -> set[str]:
         """Ids of the requests admitted and not yet finished."""
@@ -374,15 +449,143 @@ class LLMEngine:
     # ---------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; return the deltas of every request that produced something.
+
+        With asynchronous scheduling, a decode step that needs nothing from the host but
+        its inputs (greedy rows without penalties, logprobs, min_tokens masks or KV
+        transfers) is launched and left in flight: its tokens stay on the device and the
+        scheduler advances each request with PENDING_TOKEN. The next call plans and
+        launches the following step, feeding it those tokens on the device, and only then
+        reads them back, patches the placeholders and applies stop rules and detokenizing,
+        while the GPU runs. A request that stops on a token is already in the step after
+        it: that step's token for it is dropped, as for a request aborted mid-step. Any
+        other step first drains the one in flight, then runs synchronously.
+
+            call k:    schedule N+1 | launch N+1 | read N, stop checks, text | advance N+1
+            GPU:       ...... N ..............| N+1 ........................
+        """
+        prev, self._inflight = self._inflight, None
         out = self.scheduler.schedule()
         self._preemptions += len(out.preempted_ids)
-        if not out.scheduled:
-            return []
+        if out.scheduled:
+            self._mark_scheduled(out)
+        if out.scheduled and self.async_scheduling and self._can_pipeline(out, prev):
+            launched = self._launch(out, prev)
+            outputs = self._read_back(prev) if prev is not None else []
+            self._advance(launched)
+            self._inflight = launched
+            self._pipelined_steps += 1
+            return outputs
+        outputs = self._read_back(prev) if prev is not None else []
+        if out.scheduled:
+            outputs.extend(self._run_sync(out))
+        return outputs
+
+    def _mark_scheduled(self, out: SchedulerOutput) -> None:
         now = time.monotonic()
         for r in out.scheduled:
-            state = self._states[r.request_id]
-            if state.first_scheduled is None:
+            state = self._states.get(r.request_id)
+            if state is not None and state.first_scheduled is None:
                 state.first_scheduled = now
+
+    def _can_pipeline(self, out: SchedulerOutput, prev: _InFlight | None) -> bool:
+        """Whether `out` can run without the host seeing its inputs' values: a decode of
+        every row, greedy, nothing sampled that reads the token history, and every input
+        token either known on the host (no step in flight) or in `prev`'s device tokens."""
+        for r in out.scheduled:
+            state = self._states.get(r.request_id)
+            if state is None or r.num_new_tokens != 1 or not r.needs_sample:
+                return False
+            p = state.params
+            if (not p.is_greedy or p.uses_penalties or p.logprobs is not None
+                    or state.ticket is not None or state.request.prefill_only
+                    or state.request.num_output_tokens < p.min_tokens):
+                return False
+            pending = r.token_ids[0] == PENDING_TOKEN
+            if pending != (prev is not None) or (pending and r.request_id not in prev.rows):
+                return False
+        return True
+
+    def _launch(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
+        """Queue the step and its greedy sampling on the device; copy the tokens to the host
+        behind them, without waiting."""
+        input_ids = None
+        if prev is not None:
+            index = [prev.rows[r.request_id] for r in out.scheduled]
+            if index == list(range(len(prev.rows))):
+                input_ids = prev.token_ids
+            else:
+                rows = torch.tensor(index, dtype=torch.int64)
+                if self.device.type == "cuda":
+                    rows = rows.pin_memory().to(self.device, non_blocking=True)
+                input_ids = prev.token_ids.index_select(0, rows)
+        logits = self.runner.execute(out, input_ids=input_ids)  # [B, V]
+        # Exactly the sampler's greedy rows (no penalties or masks apply): argmax of the
+        # raw logits.
+        token_ids = logits.argmax(dim=-1)  # [B] int64
+        cuda = self.device.type == "cuda"
+        host_ids = torch.empty(token_ids.shape, dtype=torch.int64, pin_memory=cuda)
+        host_ids.copy_(token_ids, non_blocking=cuda)
+        copied = None
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        return _InFlight(
+            out=out,
+            states=[self._states[r.request_id] for r in out.scheduled],
+            token_ids=token_ids,
+            host_ids=host_ids,
+            copied=copied,
+            rows={r.request_id: i for i, r in enumerate(out.scheduled)},
+        )
+
+    def _advance(self, launched: _InFlight) -> None:
+        """Account for the launched step in the scheduler with placeholder tokens."""
+        out = launched.out
+        self.scheduler.update_after_step(
+            out, {r.request_id: PENDING_TOKEN for r in out.scheduled}
+        )
+        for r, state in zip(out.scheduled, launched.states, strict=True):
+            request = state.request
+            appended = (
+                request.num_computed_tokens == r.seq_len
+                and request.output_token_ids
+                and request.output_token_ids[-1] == PENDING_TOKEN
+            )
+            launched.slots.append(len(request.output_token_ids) - 1 if appended else -1)
+
+    def _read_back(self, done: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, put them in place of the placeholders, and
+        apply the stop rules; requests aborted or finished since are skipped."""
+        if done.copied is not None:
+            done.copied.synchronize()
+        tokens = done.host_ids.tolist()
+        now = time.monotonic()
+        outputs = []
+        for row, state in enumerate(done.states):
+            slot = done.slots[row]
+            if slot < 0 or self._states.get(state.request.request_id) is not state:
+                continue
+            token = tokens[row]
+            state.request.output_token_ids[slot] = token
+            self._generated_tokens += 1
+            state.first_token = state.first_token or now
+            state.last_token = now
+            outputs.append(self._after_token(state, token))
+        return outputs
+
+    def _run_sync(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Run a step and read its tokens back at once. Rows of requests that finished
+        after `out` was planned (a stop found while draining a step in flight) are run but
+        not sampled."""
+        for r in out.scheduled:
+            if PENDING_TOKEN in r.token_ids:
+                # Planned while a step was in flight; its tokens are known now.
+                state = self._states.get(r.request_id)
+                if state is None:  # finished meanwhile: its row runs unsampled, any id does
+                    r.token_ids = [max(t, 0) for t in r.token_ids]
+                else:
+                    r.token_ids = state.request.token_slice(r.start_position, r.seq_len)
         transfers = self._begin_transfers(out)
         after_layer = None
         if transfers:
@@ -392,7 +595,11 @@ class LLMEngine:
                     transfer.send_layer(layer)
 
         logits = self.runner.execute(out, after_layer)  # [n_sampling, V]
-        sampling = [self._states[r.request_id] for r in out.scheduled if r.needs_sample]
+        needs = [r for r in out.scheduled if r.needs_sample]
+        keep = [i for i, r in enumerate(needs) if r.request_id in self._states]
+        if len(keep) < len(needs):
+            logits = logits[keep]
+        sampling = [self._states[needs[i].request_id] for i in keep]
         sampled: dict[str, int] = {}
         if sampling:
             result = self.sampler.sample(
@@ -428,8 +635,8 @@ class LLMEngine:
         """Start the KV transfers of prefill-only requests whose prompt completes now."""
         transfers = {}
         for r in out.scheduled:
-            state = self._states[r.request_id]
-            if not r.needs_sample or state.ticket is None:
+            state = self._states.get(r.request_id)
+            if state is None or not r.needs_sample or state.ticket is None:
                 continue
             src = [
                 [r.block_tables[g][i] for i in logical]
@@ -568,5 +775,7 @@ class LLMEngine:
             "prefix_hit_rate": self.kv.prefix_stats.hit_rate,
             "generated_tokens": float(self._generated_tokens),
             "preemptions": float(self._preemptions),
+            # Steps launched before the previous step's tokens were read (async scheduling).
+            "pipelined_steps": float(self._pipelined_steps),
             "tokens_per_s": self._generated_tokens / elapsed,
         }

@@ -345,6 +345,8 @@ class Scheduler:
         """Allocate slots for n more tokens of a running request, preempting from the tail
         of `running` (never a request already planned this step) until they fit. False when
         the request itself had to go."""
+        if self.kv.has_blocks(request.request_id) and self.kv.try_extend(request, n):
+            return True  # the common case, checked and done in one pass
         while not self.kv.can_allocate(request, n):
             victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
             self._preempt(victim)

@@ -87,6 +87,9 @@ class _GroupTables(ABC):
         self.pool = pool
         self.block_size = pool.block_size
         self.tables: dict[str, list[KVBlock | None]] = {}
+        # The same tables as physical block ids (-1 = none), kept in step with `tables` by
+        # every change, so a step reads a request's table without rebuilding it.
+        self.ids: dict[str, list[int]] = {}
         # Per request: logical blocks [0, n) went through cache_full_blocks.
         self.num_hashed: dict[str, int] = {}
 
@@ -136,10 +139,18 @@ class _GroupTables(ABC):
             # Touch before allocating, so the allocation cannot evict the hits.
             self.pool.touch(b for b in table if b is not None)
             self.tables[request_id] = table
+            self.ids[request_id] = [-1 if b is None else b.block_id for b in table]
             self.num_hashed[request_id] = len(table)
+        self.extend(request_id, num_tokens)
+
+    def extend(self, request_id: str, num_tokens: int) -> None:
+        """Grow a known request's table to cover `num_tokens` tokens."""
+        table = self.tables[request_id]
         needed = _cdiv(num_tokens, self.block_size) - len(table)
         if needed > 0:
-            table.extend(self.pool.allocate(needed))
+            new = self.pool.allocate(needed)
+            table.extend(new)
+            self.ids[request_id].extend(b.block_id for b in new)
 
     def cache_full_blocks(
         self, request: Request, hashes: Sequence[BlockHash], num_full: int
@@ -158,6 +169,7 @@ class _GroupTables(ABC):
 
     def release_skipped(self, request_id: str, num_computed: int) -> None:
         table = self.tables[request_id]
+        ids = self.ids[request_id]
         released = []
         # Walk back from the last dead block; entries before a -1 were released earlier.
         for i in range(min(self.first_needed_block(num_computed), len(table)) - 1, -1, -1):
@@ -166,10 +178,12 @@ class _GroupTables(ABC):
                 break
             released.append(block)
             table[i] = None
+            ids[i] = -1
         self.pool.free(released)
 
     def free(self, request_id: str) -> None:
         table = self.tables.pop(request_id, [])
+        self.ids.pop(request_id, None)
         self.num_hashed.pop(request_id, None)
         self.pool.free(b for b in reversed(table) if b is not None)
 
@@ -305,20 +319,33 @@ class KVCacheManager:
         needs = self._needs(request, num_new_tokens)
         return all(n <= t.pool.num_free for t, n in zip(self._tables, needs, strict=True))
 
+    def try_extend(self, request: Request, num_new_tokens: int) -> bool:
+        """For a request that holds blocks: `allocate(request, num_new_tokens)` if
+        `can_allocate` would allow it, else False with nothing changed. One pass, no hashing:
+        the per-step path of a running request, whose cost does not grow with its length."""
+        rid = request.request_id
+        needed = _cdiv(request.num_computed_tokens + num_new_tokens, self.block_size)
+        for t in self._tables:
+            if needed - len(t.tables[rid]) > t.pool.num_free:
+                return False
+        for t in self._tables:
+            if needed > len(t.tables[rid]):
+                t.extend(rid, needed * self.block_size)
+        return True
+
     def block_table(self, request: Request, group: int) -> list[int]:
-        """Physical block per logical block of the request in group `group`; -1 = none."""
-        table = self._tables[group].tables.get(request.request_id, [])
-        return [-1 if b is None else b.block_id for b in table]
+        """Physical block per logical block of the request in group `group`; -1 = none.
+        A copy of the table kept up to date by every change (no rebuild per call)."""
+        return list(self._tables[group].ids.get(request.request_id, ()))
 
     def slot_ids(self, request: Request, group: int, start: int, num_tokens: int) -> list[int]:
         """Cache slots (block_id * block_size + offset) of positions start..start+n-1."""
-        table = self._tables[group].tables[request.request_id]
+        ids = self._tables[group].ids[request.request_id]
         bs = self.block_size
-        out = []
-        for pos in range(start, start + num_tokens):
-            block = table[pos // bs]
-            out.append(-1 if block is None else block.block_id * bs + pos % bs)
-        return out
+        return [
+            -1 if ids[pos // bs] < 0 else ids[pos // bs] * bs + pos % bs
+            for pos in range(start, start + num_tokens)
+        ]
 
     # ---- actions ----------------------------------------------------------------------
 
@@ -337,8 +364,12 @@ class KVCacheManager:
                     f"{t.pool.num_free} free"
                 )
         first = not self.has_blocks(request.request_id)
-        hashes = self._block_hashes(request) if first else []
         num_tokens = request.num_computed_tokens + num_new_tokens
+        if not first:
+            for t in self._tables:
+                t.extend(request.request_id, num_tokens)
+            return
+        hashes = self._block_hashes(request)
         for t in self._tables:
             t.allocate(
                 request.request_id,
@@ -358,8 +389,11 @@ class KVCacheManager:
         """Index every block whose tokens are now all computed, in every group."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._block_hashes(request)
         num_full = request.num_computed_tokens // self.block_size
+        rid = request.request_id
+        if all(t.num_hashed[rid] >= num_full for t in self._tables):
+            return  # no block filled up since the last call (most decode steps)
+        hashes = self._block_hashes(request)
         for t in self._tables:
             t.cache_full_blocks(request, hashes, num_full)
 
@@ -392,6 +426,10 @@ class KVCacheManager:
         """Pools are consistent and every block's ref count equals the tables' references."""
         for t in self._tables:
             t.pool.check_integrity()
+            for request_id, table in t.tables.items():
+                assert t.ids[request_id] == [-1 if b is None else b.block_id for b in table], (
+                    f"group {t.pool.group}: request {request_id}'s block ids drifted from its table"
+                )
             refs = Counter(b.block_id for table in t.tables.values() for b in table if b)
             for block in t.pool.blocks:
                 assert block.ref_cnt == refs[block.block_id], (
@@ -406,6 +444,11 @@ class KVCacheManager:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         num_computed = request.num_computed_tokens
         first = not self.has_blocks(request.request_id)
+        if not first:
+            # A running request only extends its tables: a cost independent of its length.
+            needed = _cdiv(num_computed + num_new_tokens, self.block_size)
+            rid = request.request_id
+            return [max(0, needed - len(t.tables[rid])) for t in self._tables]
         if first and num_computed % self.block_size:
             raise ValueError(
                 f"request {request.request_id}: a prefix hit must be whole blocks, "
