@@ -3,6 +3,7 @@
     tandem make-tiny-model DIR [--seed S]
     tandem generate [--model DIR] (--prompt TEXT | --prompt-ids 1,2,3 | --prompts-file F [--ids])
                     --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--json]
+                    [--ep N [--ep-placement P] [--ep-dispatch D]]
     tandem serve    [--model DIR] [--config FILE] [--prefill N] [--decode M] [--host H]
                     [--grpc-port P] [--tls-cert PEM --tls-key PEM] [--redis-url URL]
                     [--api-key-env VAR] [--device D]
@@ -62,8 +63,10 @@ def _read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+    from tandem.workers.engine.llm_engine import EngineConfig
     from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
+    from tandem.workers.expert_parallel.config import ExpertParallelConfig
+    from tandem.workers.expert_parallel.engine import build_engine
     from tandem.workers.synthetic.tiny_model import resolve_model_dir
 
     try:
@@ -76,14 +79,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     except SamplingParamsError as err:
         raise SystemExit(f"tandem generate: {err}") from None
-    engine = LLMEngine.from_model_dir(
-        resolve_model_dir(args.model), EngineConfig(device=args.device, dtype=args.dtype)
-    )
-    prompts = _read_prompts(args, engine.tokenizer)
     try:
+        ep = ExpertParallelConfig(
+            size=args.ep, placement=args.ep_placement, dispatch=args.ep_dispatch
+        )
+    except ValueError as err:
+        raise SystemExit(f"tandem generate: --ep: {err}") from None
+    # --ep N > 1: N ranks (this process and N - 1 it starts), gloo on CPU, NCCL on GPUs.
+    engine = build_engine(
+        resolve_model_dir(args.model), EngineConfig(device=args.device, dtype=args.dtype), ep
+    )
+    try:
+        prompts = _read_prompts(args, engine.tokenizer)
         results = engine.generate(prompts, params)
     except SamplingParamsError as err:
         raise SystemExit(f"tandem generate: {err}") from None
+    finally:
+        engine.runner.close()
     for result in results:
         if args.json:
             print(json.dumps(result.to_json()), flush=True)
@@ -129,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     gen.add_argument("--dtype", default=None, help="float32 or bfloat16")
+    gen.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel ranks (processes; GPUs on cuda)"
+    )
+    gen.add_argument("--ep-placement", default="contiguous", help="contiguous or round_robin")
+    gen.add_argument("--ep-dispatch", default="replicated", help="replicated or all_to_all")
     gen.set_defaults(run=_cmd_generate)
 
     serve = sub.add_parser("serve", help="run the cluster (Ray Serve) on this machine")

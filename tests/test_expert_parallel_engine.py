@@ -6,6 +6,9 @@ killed mid-generation fails the step with an error naming it and turns health fa
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -117,3 +120,25 @@ def test_killed_follower_fails_the_worker(tiny_model_dir):
     assert not healthy and reaped
     with pytest.raises(ExpertParallelFailure, match="rank 1"):
         engine.runner.check_alive()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tandem.cluster.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_ep_two_ranks_matches_one(tiny_model_dir, reference):
+    run = _cli("generate", "--model", str(tiny_model_dir), "--prompt-ids",
+               ",".join(map(str, PROMPTS[1])), "--max-tokens", "8", "--temperature", "0",
+               "--device", "cpu", "--json", "--ep", "2", "--ep-placement", "round_robin")
+    assert run.returncode == 0, run.stderr
+    [line] = run.stdout.splitlines()
+    # Without ignore_eos the CLI may stop early at an eos the reference ran past.
+    tokens = json.loads(line)["token_ids"]
+    assert tokens and tokens == reference[1].token_ids[: len(tokens)]
+
+
+def test_cli_rejects_bad_ep(tiny_model_dir):
+    run = _cli("generate", "--model", str(tiny_model_dir), "--prompt-ids", "1,2",
+               "--max-tokens", "2", "--ep", "2", "--ep-dispatch", "broadcast")
+    assert run.returncode != 0 and "dispatch" in run.stderr
