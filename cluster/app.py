@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from tandem.cluster.api.backend import ModelCard
 from tandem.cluster.api.server import ServerConfig, TandemServer
+from tandem.cluster.autoscaling import REPORTED_METRICS
 from tandem.cluster.cluster_backend import ClusterBackend
 from tandem.cluster.config import (
     DECODE,
@@ -170,6 +171,12 @@ class _WorkerServer:
         """This replica's engine figures as JSON, with its replica id (to see where a
         pinned call landed)."""
         return json.dumps({"replica_id": self.replica_id, **self.worker.metrics()})
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The load figures Serve's controller hands the pool's autoscaling policy
+        (tandem.cluster.autoscaling.PoolAutoscaler), averaged per replica."""
+        figures = self.worker.metrics()
+        return {name: float(figures[name]) for name in REPORTED_METRICS}
 
     async def __del__(self) -> None:
         await asyncio.to_thread(self.presence.close)

@@ -53,15 +53,16 @@ def _pem_path(args: argparse.Namespace, name: str) -> str | None:
 
 
 def logical_cpus(config: AppConfig) -> int:
-    """CPUs to give the local Ray: every fixed replica's num_cpus (autoscaled ones at
-    their initial or minimum count), and at least the machine's core count."""
+    """CPUs to give the local Ray: every replica's num_cpus, autoscaled deployments at
+    their maximum (a local Ray has no autoscaler to add nodes), and at least the
+    machine's core count."""
     total = 0.0
     for d in config.deployments.values():
         options = d.options()
         count = options.get("num_replicas")
         if not isinstance(count, int):
             scaling = options.get("autoscaling_config") or {}
-            count = scaling.get("initial_replicas") or scaling.get("min_replicas") or 1
+            count = scaling.get("max_replicas") or scaling.get("min_replicas") or 1
         cpus = (options.get("ray_actor_options") or {}).get("num_cpus", 1)
         total += count * cpus
     return max(math.ceil(total), os.cpu_count() or 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tandem.cluster.autoscaling import PoolAutoscaler
 from tandem.cluster.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -46,9 +47,16 @@ def test_shipped_default_loads(tmp_path):
     assert (s.grpc.host, s.grpc.port) == ("127.0.0.1", 50051)
     assert s.api_key_env == "TANDEM_API_KEY"
     assert s.control_plane.heartbeat_interval_s < s.control_plane.heartbeat_ttl_s
+    assert config.deployments["Ingress"].num_replicas == 1
     for name in ("Ingress", "PrefillServer", "DecodeServer"):
-        assert config.deployments[name].num_replicas == 1
         assert config.deployments[name].options()["ray_actor_options"]["num_cpus"] == 1
+    # The worker pools scale on their own signals, 1 to 2 replicas each.
+    for name, metric in (("PrefillServer", "queued_prompt_tokens"), ("DecodeServer", "kv_usage")):
+        scaling = config.deployments[name].options()["autoscaling_config"]
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2)
+        policy = scaling["policy"]
+        assert policy["policy_function"] == "tandem.cluster.autoscaling:PoolAutoscaler"
+        assert metric in PoolAutoscaler(**policy["policy_kwargs"]).targets
     # Explicit path, same answer.
     assert load_app_config(DEFAULT_CONFIG_PATH).settings == s
 
@@ -166,9 +174,9 @@ ARGS = "applications.0.args"
             "applications[0].args.ingress.max_waiting_requests",
         ),
         (
-            "applications.0.deployments.1.num_replicas",
+            "applications.0.deployments.0.num_replicas",
             0,
-            "applications[0].deployments[1].num_replicas",
+            "applications[0].deployments[0].num_replicas",
         ),
         (
             "applications.0.deployments.2.max_ongoing_requests",
@@ -231,7 +239,7 @@ def test_structural_errors(shipped, tmp_path):
         parse_app_config(router)
     assert err.value.field == "applications[0].deployments[1].request_router_config"
 
-    both = _set(shipped, "applications.0.deployments.1.autoscaling_config", {"max_replicas": 3})
+    both = _set(shipped, "applications.0.deployments.1.num_replicas", 3)
     with pytest.raises(ConfigError, match="autoscaling_config") as err:
         parse_app_config(both)
     assert err.value.field.startswith("applications[0].deployments[1]")

@@ -97,7 +97,10 @@ class Driver:
         api_key: str | None = None,
         temperature: float = 0.0,
         progress: Callable[[str], None] | None = None,
+        origin: float | None = None,
     ) -> None:
+        """`origin`: the time.monotonic() that record times count from (runs that share
+        one line up on one timeline); by default the start of the run."""
         self.target = target
         self.limits = limits
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -105,7 +108,8 @@ class Driver:
         self.progress = progress
         self.records: list[RequestRecord] = []
         self.in_flight = 0
-        self._start = time.monotonic()  # reset when the run starts
+        self._origin = origin
+        self._start = origin if origin is not None else time.monotonic()
 
     def now(self) -> float:
         return time.monotonic() - self._start
@@ -235,7 +239,8 @@ class Driver:
         await self._run(body)
 
     async def _run(self, body) -> None:
-        self._start = time.monotonic()
+        if self._origin is None:
+            self._start = time.monotonic()
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = tandem_pb2_grpc.TandemStub(channel)
             ticker = asyncio.create_task(self._tick()) if self.progress else None
