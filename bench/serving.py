@@ -68,7 +68,9 @@ from tandem.workers.synthetic.checkpoint_writer import tiny_config
 from tandem.workers.synthetic.tokenizer_training import train_tiny_tokenizer
 from tandem.workers.text.tokenizer import Tokenizer, _bytes_to_unicode
 
-TRT_LLM_1K1K_H100 = 11557.0  # output tok/s, gpt-oss-20b, H100, published (PERFORMANCE.md)
+# Output tok/s, gpt-oss-20b 1k/1k, TensorRT-LLM's published max throughput (PERFORMANCE.md).
+TRT_LLM_1K1K = {"H100": 11557.0, "H200": 13858.0}
+TRT_LLM_1K1K_H100 = TRT_LLM_1K1K["H100"]
 SLO_TTFT_S = 1.0
 SLO_ITL_S = 0.050
 
@@ -375,7 +377,8 @@ def case_tput(setup: Setup, engine: LLMEngine, rng: random.Random, name: str) ->
             if r == running and o == running]
     row.update({"isl": isl, "osl": osl, "running_limit": running,
                 "full_decode_steps": len(full), "full_step_p50_s": percentile(full, 50),
-                "vs_trt_llm": row["output_tok_s"] / TRT_LLM_1K1K_H100})
+                "vs_trt_llm": row["output_tok_s"] / TRT_LLM_1K1K_H100,
+                "vs_trt_llm_h200": row["output_tok_s"] / TRT_LLM_1K1K["H200"]})
     print(f"{name} {isl}/{osl} x{n} running {running}: {row['output_tok_s']:.0f} output tok/s "
           f"({row['vs_trt_llm']:.1%} of TRT-LLM), TTFT p50 {row['ttft_p50_s']:.2f} s, "
           f"ITL p50 {row['itl_p50_s'] * 1e3:.1f} p99 {row['itl_p99_s'] * 1e3:.1f} ms, "
@@ -531,7 +534,7 @@ def report(result: dict) -> None:
         row = cases.get(name, {})
         if "output_tok_s" in row:
             print(f"{name}: {row['output_tok_s']:.0f} output tok/s ({row['vs_trt_llm']:.1%} of "
-                  f"TRT-LLM 11,557)")
+                  f"TRT-LLM's H100 11,557, {row['vs_trt_llm_h200']:.1%} of its H200 13,858)")
 
 
 if __name__ == "__main__":
