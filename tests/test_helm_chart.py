@@ -75,7 +75,10 @@ _OPTIONS = {
     "model": {"source": "hostPath", "hostPath": {"path": "/mnt/models"}},
     "ingress": {"autoscaling": {"enabled": True}},
     "prefill": {
-        "autoscaling": {"policy": "ray.serve.autoscaling_policy:default_autoscaling_policy"}
+        "autoscaling": {
+            "policy": "ray.serve.autoscaling_policy:default_autoscaling_policy",
+            "policyKwargs": None,
+        }
     },
     "networkPolicy": {
         "clientFrom": [{"namespaceSelector": {"matchLabels": {"team": "llm-clients"}}}]
@@ -281,6 +284,8 @@ def _expected_serve_config(v: dict[str, Any]) -> dict[str, Any]:
             }
             if a["policy"]:
                 d["autoscaling_config"]["policy"] = {"policy_function": a["policy"]}
+                if a.get("policyKwargs"):
+                    d["autoscaling_config"]["policy"]["policy_kwargs"] = a["policyKwargs"]
         else:
             d["num_replicas"] = p["replicas"]
         return d

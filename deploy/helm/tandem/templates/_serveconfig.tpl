@@ -24,7 +24,11 @@ $TANDEM_API_KEY, both set from Secrets in the pods (see tandem.rayEnv).
 {{- if $a.enabled -}}
 {{- $cfg := dict "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "initial_replicas" (int $a.initialReplicas) "target_ongoing_requests" $a.targetOngoingRequests "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS -}}
 {{- if $a.policy -}}
-{{- $_ := set $cfg "policy" (dict "policy_function" $a.policy) -}}
+{{- $policy := dict "policy_function" $a.policy -}}
+{{- if $a.policyKwargs -}}
+{{- $_ := set $policy "policy_kwargs" $a.policyKwargs -}}
+{{- end -}}
+{{- $_ := set $cfg "policy" $policy -}}
 {{- end -}}
 {{- $_ := set $d "autoscaling_config" $cfg -}}
 {{- else -}}
