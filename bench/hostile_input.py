@@ -1,18 +1,22 @@
 """Hostile input against the gRPC API: how fast each is refused, and what a stream of them
 costs concurrent normal requests (issue 19, RELIABILITY.md targets 10 and 18).
 
-    .venv/bin/python -m bench.hostile_input [--seconds 20] [--normal-clients 4] [--json OUT]
+    .venv/bin/python -m bench.hostile_input [--seconds 10] [--rounds 3] [--normal-clients 4]
+                                            [--json OUT]
 
 The server runs in its own process (the in-process backend: the tiny model on one CPU
 engine, as tests/support/api_server.py builds it), so the clients' threads do not share
 its interpreter. Phases, each `--seconds` long, with `--normal-clients` threads sending
-Generate requests back to back (a 10-token prompt, 8 greedy tokens):
+Generate requests back to back (a 10-token prompt, 8 greedy tokens), `--rounds` times
+alternated so that drift in the machine's load falls on both alike:
 
     baseline        normal requests only
     hostile         plus one thread sending the hostile requests below back to back
-    baseline again  normal only (how much the two baselines differ is the noise)
-    unbounded       hostile again, against a server whose limits are raised out of the
-                    way (limits.RequestLimits with huge counts): what the bounds save
+    unbounded       (once, at the end) hostile again, against a server whose limits are
+                    raised out of the way (limits.RequestLimits with huge counts): what
+                    the bounds save
+
+The spread of the baseline rounds' p99 is the noise the hostile rounds compare against.
 
 Hostile requests are serialized once and sent as raw bytes, so the client spends nothing
 building them. Reported: p50/p99/max of the normal requests per phase; per hostile kind,
@@ -230,14 +234,17 @@ def summary(phase: Phase) -> dict:
             "count": len(records),
             "codes": dict(codes),
             "p50_ms": round(statistics.median(times), 1),
+            "p90_ms": round(_pct(times, 0.90), 1),
             "max_ms": round(max(times), 1),
+            "under_50_ms": round(sum(t < 50 for t in times) / len(times), 3),
         }
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--normal-clients", type=int, default=4)
     parser.add_argument("--json", default=None, help="write the results here too")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -251,10 +258,23 @@ def main() -> None:
     server = ServerProcess(unbounded=False)
     try:
         run_phase("warm-up", server.target, 3, args.normal_clients, hostile=False)
-        for name, hostile in (("baseline", False), ("hostile", True), ("baseline again", False)):
-            results.append(
-                summary(run_phase(name, server.target, args.seconds, args.normal_clients, hostile))
-            )
+        merged = {
+            "baseline": Phase("baseline, all rounds"),
+            "hostile": Phase("hostile, all rounds"),
+        }
+        for r in range(args.rounds):
+            for name, hostile in (("baseline", False), ("hostile", True)):
+                phase = run_phase(
+                    f"{name} {r + 1}", server.target, args.seconds, args.normal_clients, hostile
+                )
+                results.append(summary(phase))
+                print(json.dumps(results[-1]), flush=True)
+                merged[name].normal_s += phase.normal_s
+                merged[name].normal_errors += phase.normal_errors
+                for kind, records in phase.hostile.items():
+                    merged[name].hostile[kind] += records
+        for phase in merged.values():
+            results.append(summary(phase))
             print(json.dumps(results[-1]), flush=True)
     finally:
         server.close()
@@ -282,6 +302,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": os.getloadavg(),
         "seconds_a_phase": args.seconds,
+        "rounds": args.rounds,
         "normal_clients": args.normal_clients,
     }
     print(json.dumps(meta))
