@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 import torch
+from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
@@ -49,6 +50,7 @@ from tandem.cluster.config import (
     TandemSettings,
     parse_args,
 )
+from tandem.cluster.http.app import HttpConfig, build_http_app
 from tandem.cluster.metrics import IngressMetrics, WorkerMetrics
 from tandem.cluster.routing import PinnedReplicaRouter
 from tandem.workers.control_plane import (
@@ -263,14 +265,19 @@ class DecodeServer(_WorkerServer):
 
 @serve.deployment(
     name=INGRESS,
-    # Only the introspection calls below go through Serve (clients speak gRPC to the
-    # replica's own server); pinning lets an operator ask one replica in particular.
+    # gRPC clients speak to the replica's own server; HTTP requests come through Serve's
+    # proxy, and each open stream holds one of max_ongoing_requests for its whole life
+    # (admission beyond the engine's queue is the backend's 429, not Serve's queue).
+    # Pinning lets an operator ask one replica in particular.
     request_router_config=_PINNED,
-    max_ongoing_requests=8,
+    max_ongoing_requests=256,
     ray_actor_options={"num_cpus": 1},
 )
+@serve.ingress()
 class Ingress:
-    """Runs the gRPC API (cluster/api/server.py) on this replica's event loop."""
+    """Runs the gRPC API (cluster/api/server.py) on this replica's event loop, and
+    answers the OpenAI-compatible HTTP API (cluster/http/) that Serve's HTTP proxy routes
+    here (when the config enables the proxy and gives the app a route prefix)."""
 
     async def __init__(self, args_json: str, decode: DeploymentHandle) -> None:
         torch.set_num_threads(1)
@@ -293,6 +300,8 @@ class Ingress:
             metrics=IngressMetrics(replica_id),
         )
         await self.backend.start()
+        self._api_key = settings.api_key()
+        self._health_timeout_s = settings.health_timeout_s
         grpc = settings.grpc
         self.server = await TandemServer.start(
             self.backend,
@@ -305,6 +314,14 @@ class Ingress:
                 tls_key_file=grpc.tls_key_file,
                 health_port=grpc.health_port,
             ),
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The HTTP API's app, over the same backend as the gRPC server (Serve calls this
+        after __init__)."""
+        return build_http_app(
+            self.backend,
+            HttpConfig(api_key=self._api_key, health_timeout_s=self._health_timeout_s),
         )
 
     def target(self) -> str:

@@ -5,7 +5,7 @@
                     --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--json]
                     [--ep N [--ep-placement P] [--ep-dispatch D]]
     tandem serve    [--model DIR] [--config FILE] [--prefill N] [--decode M] [--host H]
-                    [--grpc-port P] [--tls-cert PEM --tls-key PEM] [--redis-url URL]
+                    [--grpc-port P] [--http-port P] [--tls-cert PEM --tls-key PEM] [--redis-url URL]
                     [--api-key-env VAR] [--device D]
     tandem client   [--target HOST:PORT] (--prompt TEXT | --chat TEXT | --health) ...
     tandem proto    (prints the gRPC API's .proto, for clients in other languages)
@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode", type=int, default=None, help="decode replicas")
     serve.add_argument("--host", default=None, help="address the gRPC server binds")
     serve.add_argument("--grpc-port", type=int, default=None)
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve the OpenAI-compatible HTTP API on this port too (default: off)",
+    )
     serve.add_argument(
         "--tls-cert", default=None, metavar="PEM", help="certificate chain: serve gRPC over TLS"
     )

@@ -397,6 +397,20 @@ class AppConfig:
     # `args` as validated JSON: the one value every deployment is constructed with.
     deployments: Mapping[str, DeploymentSettings]
     # Keyed by DEPLOYMENT_NAMES, every name present.
+    route_prefix: str | None = None
+    # The application's HTTP route prefix ("/"); None: no HTTP route.
+
+    @property
+    def http_enabled(self) -> bool:
+        """Whether Serve's HTTP proxy runs and routes to the Ingress (the OpenAI API)."""
+        return self.serve.proxy_location != "Disabled" and self.route_prefix is not None
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible API, for clients on this machine."""
+        http = self.serve.http_options
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "[::]") else http.host
+        return f"http://{host}:{http.port}{(self.route_prefix or '/').rstrip('/')}/v1"
 
 
 @dataclass(frozen=True)
@@ -415,6 +429,9 @@ class ConfigOverrides:
     api_key_env: str | None = None
     device: str | None = None
     # Engine device of both pools ("cpu", "cuda").
+    http_port: int | None = None
+    # Turns the OpenAI-compatible HTTP API on at this port: Serve's proxy (on every node)
+    # with the application routed at "/", on the gRPC host unless the file names one.
 
     def apply(self, raw: dict[str, Any]) -> dict[str, Any]:
         """A copy of the raw file (parsed YAML) with the overrides written in."""
@@ -440,6 +457,18 @@ class ConfigOverrides:
         ):
             if value is not None:
                 args.setdefault("grpc", {})[key] = value
+        if self.http_port is not None:
+            if out.get("proxy_location") in (None, "Disabled"):
+                out["proxy_location"] = "EveryNode"
+            http = out.get("http_options")
+            http = out["http_options"] = dict(http) if isinstance(http, dict) else {}
+            http["port"] = self.http_port
+            # Serve's own default host is 0.0.0.0: keep HTTP where gRPC listens instead.
+            grpc = args.get("grpc") if isinstance(args.get("grpc"), dict) else {}
+            if self.grpc_host is not None or "host" not in http:
+                http["host"] = self.grpc_host or grpc.get("host") or "127.0.0.1"
+            if app.get("route_prefix") is None:
+                app["route_prefix"] = "/"
         if self.device is not None:
             for role in ("prefill", "decode"):
                 args.setdefault("engine", {}).setdefault(role, {})["device"] = self.device
@@ -517,6 +546,7 @@ def parse_app_config(
         settings=settings,
         args_json=args_json,
         deployments=deployments,
+        route_prefix=app.route_prefix,
     )
 
 

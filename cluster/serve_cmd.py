@@ -2,13 +2,14 @@
 
     tandem serve [--model DIR] [--config FILE] [--prefill N] [--decode M]
                  [--host H] [--grpc-port P] [--tls-cert PEM --tls-key PEM]
-                 [--redis-url URL] [--api-key-env VAR] [--device D]
+                 [--http-port P] [--redis-url URL] [--api-key-env VAR] [--device D]
 
     1. load and validate the config (deploy/serve-config.yaml unless --config), flags on
        top; refuse at once (one line, non-zero exit) when the gRPC port is taken
     2. a private redis-server (LocalRedis) unless a Redis URL is given
     3. a local Ray with enough logical CPUs for every replica's request
-    4. the application through serve.run (Serve's HTTP proxy off: clients speak gRPC)
+    4. the application through serve.run; Serve's HTTP proxy only with --http-port (or a
+       config with a proxy and a route prefix): the OpenAI-compatible API
     5. print the gRPC target; on Ctrl-C or SIGTERM shut Serve, Ray and Redis down in turn
 """
 
@@ -22,7 +23,13 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
-from tandem.cluster.config import AppConfig, ConfigError, ConfigOverrides, load_app_config
+from tandem.cluster.config import (
+    INGRESS,
+    AppConfig,
+    ConfigError,
+    ConfigOverrides,
+    load_app_config,
+)
 
 
 def overrides_from_args(args: argparse.Namespace) -> ConfigOverrides:
@@ -37,6 +44,7 @@ def overrides_from_args(args: argparse.Namespace) -> ConfigOverrides:
         grpc_tls_key_file=_pem_path(args, "tls_key"),
         api_key_env=args.api_key_env,
         device=args.device,
+        http_port=getattr(args, "http_port", None),
     )
 
 
@@ -66,6 +74,25 @@ def logical_cpus(config: AppConfig) -> int:
         cpus = (options.get("ray_actor_options") or {}).get("num_cpus", 1)
         total += count * cpus
     return max(math.ceil(total), os.cpu_count() or 1)
+
+
+def check_one_ingress(config: AppConfig) -> None:
+    """This machine is one Ray node, and an Ingress replica binds the gRPC port
+    exclusively: a second replica here could never bind it (in a cluster, each node's
+    pod holds one). Raises ConfigError."""
+    ingress = config.deployments.get(INGRESS)
+    if ingress is None:
+        return
+    options = ingress.options()
+    count = options.get("num_replicas")
+    if not isinstance(count, int):
+        count = (options.get("autoscaling_config") or {}).get("max_replicas") or 1
+    if count > 1:
+        raise ConfigError(
+            f"deployments.{INGRESS}",
+            f"{count} Ingress replicas on one machine: each binds the gRPC port exclusively, "
+            "so `tandem serve` runs one",
+        )
 
 
 def _grpc_target(config: AppConfig) -> str:
@@ -104,8 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from tandem.cluster.api.server import PortInUse, check_port_free
 
     try:
+        check_one_ingress(config)
         check_port_free(settings.grpc.host, settings.grpc.port)
-    except PortInUse as err:
+    except (ConfigError, PortInUse) as err:
         raise SystemExit(f"tandem serve: {err}") from None
 
     # Imported here: the other commands must not pay for Ray's import.
@@ -137,16 +165,23 @@ def run_serve(args: argparse.Namespace) -> int:
             _on_stop_signals(_stop)
             serve.start(
                 proxy_location=config.serve.proxy_location,
+                # Serve takes a dict (or its own HTTPOptions), not the schema it validated.
+                http_options=config.serve.http_options.model_dump(exclude_unset=True),
                 logging_config=config.serve.logging_config,
             )
             cleanup.callback(serve.shutdown)
             cleanup.callback(print, "tandem: shutting down", flush=True)
-            serve.run(build_application(config), name=config.app_name, route_prefix=None)
+            serve.run(
+                build_application(config), name=config.app_name, route_prefix=config.route_prefix
+            )
             target = _grpc_target(config)
             pools = ", ".join(
                 f"{n} x{d.num_replicas or 'auto'}" for n, d in config.deployments.items()
             )
             print(f"tandem: serving {config.settings.model_dir} with {pools}", flush=True)
+            if config.http_enabled:
+                # Printed before the gRPC line, which tells scripts the server is ready.
+                print(f"tandem: HTTP (OpenAI API) on {config.http_url}", flush=True)
             print(f"tandem: gRPC on {target}", flush=True)
             print(f"tandem: try `tandem client --target {target} --prompt hello`", flush=True)
             while True:

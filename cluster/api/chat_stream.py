@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tandem.cluster.api.backend import GenerationDelta
 from tandem.workers.text.harmony import (
     ContentDelta,
+    HarmonyEvent,
     HarmonyStreamParser,
     MessageEnd,
     ReasoningDelta,
@@ -39,6 +40,9 @@ class ChatDelta:
     # Calls whose message closed in this delta (index, name, whole arguments).
     finish_reason: str | None
     # Set on the last delta: "stop", "length", "abort" or "tool_calls".
+    events: tuple[HarmonyEvent, ...] = ()
+    # The parser's events in order (message starts and ends included), for a front that
+    # maps whole messages (the Responses API's output items).
 
     @property
     def finished(self) -> bool:
@@ -49,16 +53,16 @@ class ChatSplitter:
     """Feeds a turn's sampled tokens through harmony's stream parser, one backend delta
     at a time. `prefix_ids` are header tokens the prompt already holds (a forced call's
     header, prepare.ForcedCall): the parser reads them first and reports nothing for
-    them."""
+    them but their MessageStart, which leads the first delta's events."""
 
     def __init__(self, tokenizer: Tokenizer, prefix_ids: Sequence[int] = ()) -> None:
         self._parser = HarmonyStreamParser(tokenizer, role="assistant")
-        for t in prefix_ids:
-            self._parser.feed(t)
+        self._pending: list[HarmonyEvent] = [e for t in prefix_ids for e in self._parser.feed(t)]
 
     def split(self, delta: GenerationDelta) -> ChatDelta:
         out = delta.output
-        events = [event for t in out.token_ids for event in self._parser.feed(t)]
+        events, self._pending = self._pending, []
+        events += [event for t in out.token_ids for event in self._parser.feed(t)]
         if out.finished:
             events += self._parser.finish()
         finish = None
@@ -76,4 +80,5 @@ class ChatSplitter:
             tool_call_deltas=tuple(e for e in events if isinstance(e, ToolCallDelta)),
             tool_calls=tuple(e for e in events if isinstance(e, ToolCall)),
             finish_reason=finish,
+            events=tuple(events),
         )

@@ -65,12 +65,13 @@ def app_args(
     placement: Mapping[str, Any],
     disagg: Mapping[str, Any] | None = None,
     control_plane: Mapping[str, Any] | None = None,
+    model_id: str = "tiny",
 ) -> dict[str, Any]:
     """The application `args` (cluster/config.py TandemArgs) of a test cluster."""
     return {
         "cluster_name": cluster_name,
         "model": str(model_dir),
-        "model_id": "tiny",
+        "model_id": model_id,
         "redis_url": redis_url,
         "grpc": {"host": "127.0.0.1", "port": port},
         "disagg": dict(disagg or {"local_prefill_threshold": 32, "transfer_deadline_s": 10.0}),
@@ -154,9 +155,12 @@ def serve_cluster(
     ingress: int,
     disagg: Mapping[str, Any] | None = None,
     control_plane: Mapping[str, Any] | None = None,
+    http_port: int | None = None,
+    model_id: str = "tiny",
 ) -> Iterator[RunningCluster]:
     """Start Redis, Ray and the app; yields once every worker is in the registry and
-    every Ingress replica runs."""
+    every Ingress replica runs. With `http_port`, Serve's HTTP proxy serves the app's
+    OpenAI-compatible API there (on 127.0.0.1, routed at "/")."""
     with LocalRedis() as redis_server:
         port = free_port()
         args = app_args(
@@ -168,6 +172,7 @@ def serve_cluster(
             placement=placement,
             disagg=disagg,
             control_plane=control_plane,
+            model_id=model_id,
         )
 
         def deployment(name: str, replicas: int) -> dict[str, Any]:
@@ -180,14 +185,16 @@ def serve_cluster(
                 "health_check_period_s": 1.0,
             }
 
+        http = http_port is not None
         config = parse_app_config(
             {
-                "proxy_location": "Disabled",
+                "proxy_location": "EveryNode" if http else "Disabled",
+                "http_options": {"host": "127.0.0.1", "port": http_port or 8000},
                 "applications": [
                     {
                         "name": app,
                         "import_path": "tandem.cluster.app:build_app",
-                        "route_prefix": None,
+                        "route_prefix": "/" if http else None,
                         "args": args,
                         "deployments": [
                             deployment("Ingress", ingress),
@@ -203,8 +210,11 @@ def serve_cluster(
         ray.init(num_cpus=replicas + 4, include_dashboard=False, log_to_driver=False)
         registry = WorkerRegistry(redis_server.url, cluster=cluster_name)
         try:
-            serve.start(proxy_location="Disabled")
-            serve.run(build_application(config), name=app, route_prefix=None)
+            serve.start(
+                proxy_location=config.serve.proxy_location,
+                http_options=config.serve.http_options.model_dump(exclude_unset=True),
+            )
+            serve.run(build_application(config), name=app, route_prefix=config.route_prefix)
             cluster = RunningCluster(
                 app=app,
                 args=args,

@@ -1,0 +1,526 @@
+"""The OpenAI-compatible HTTP API over a GenerationBackend, as a FastAPI app.
+
+    POST /v1/chat/completions   chat.py        harmony chat, reasoning, tools
+    POST /v1/responses          responses.py   the Responses API (gpt-oss reference shape)
+    POST /v1/completions        completions.py raw prompt continuation
+    GET  /v1/models             the backend's ModelCards
+    GET  /health                200 when the backend's engines answer, else 503 (no key)
+
+`build_http_app(backend, config)` is mounted by the Ingress deployment (Ray Serve's HTTP
+proxy routes to it) and served by uvicorn in tests. Requests are checked and converted by
+the same layer as the gRPC API's (cluster/api/prepare.py, chat_stream.py), so both fronts
+refuse the same things with the same field named. Errors use OpenAI's JSON shape,
+{"error": {"message", "type", "param", "code"}}:
+
+    400 invalid_request_error   the field in `param`  (gRPC INVALID_ARGUMENT)
+    401 (API key missing/wrong)                       (UNAUTHENTICATED)
+    429 + Retry-After           queue full            (RESOURCE_EXHAUSTED)
+    503                         backend unavailable   (UNAVAILABLE)
+    504                         deadline passed       (DEADLINE_EXCEEDED)
+
+A deadline comes from the `X-Request-Timeout` header (seconds). A streamed answer runs
+inside the response's body iterator; when the client disconnects, the server cancels
+that iterator, and leaving it closes the backend stream, which aborts the request on
+every worker (the GenerationBackend contract). Admission errors are raised before the
+first delta, so the stream's first delta is awaited before the 200 goes out: a full
+queue is a 429, not a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tandem.cluster.api import limits as input_limits
+from tandem.cluster.api import prepare
+from tandem.cluster.api.backend import (
+    BackendUnavailable,
+    GenerationBackend,
+    GenerationDelta,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFull,
+)
+from tandem.cluster.api.chat_stream import ChatSplitter
+from tandem.cluster.http import chat, completions, responses
+from tandem.cluster.http.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponsesRequest,
+    parse_body,
+)
+from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
+
+log = logging.getLogger(__name__)
+
+DEADLINE_HEADER = "x-request-timeout"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    api_key: str | None = field(default=None, repr=False)
+    # When set, every route but /health needs "Authorization: Bearer <key>". Kept out of
+    # repr so it never reaches a log line.
+    retry_after_s: int = 1
+    # Retry-After of a 429 (queue full).
+    health_timeout_s: float = 5.0
+    # /health answers 503 when the backend's check takes longer.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Largest request body accepted (413 beyond).
+    limits: input_limits.RequestLimits = input_limits.DEFAULT_LIMITS
+    # The same input bounds as the gRPC API (cluster/api/limits.py): JSON depth before
+    # parsing, message and tool counts before the schema builds objects for them.
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
+            raise ValueError("HttpConfig.api_key must be non-empty without surrounding spaces")
+        if self.retry_after_s < 0:
+            raise ValueError(f"HttpConfig.retry_after_s must be >= 0, got {self.retry_after_s}")
+        if not (math.isfinite(self.health_timeout_s) and self.health_timeout_s > 0):
+            raise ValueError(
+                f"HttpConfig.health_timeout_s must be positive, got {self.health_timeout_s}"
+            )
+        if self.max_body_bytes < 1024:
+            raise ValueError(
+                f"HttpConfig.max_body_bytes must be >= 1024, got {self.max_body_bytes}"
+            )
+
+
+class ApiError(Exception):
+    """An answer other than 200, in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed while it ran."""
+
+
+def bearer_ok(header: str | None, api_key: str) -> bool:
+    """Whether an Authorization header is "Bearer <api_key>" (constant time)."""
+    raw = (header or "").encode("utf-8", "surrogateescape")
+    scheme, _, token = raw.partition(b" ")
+    token_ok = hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
+    return scheme.lower() == b"bearer" and token_ok
+
+
+def _bad_request(param: str, message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param=param)
+
+
+class OpenAIFront:
+    """The routes' logic over one backend (one per Ingress replica)."""
+
+    def __init__(self, backend: GenerationBackend, config: HttpConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self._model = backend.models[0]
+        self._text_limit = prepare.max_prompt_bytes(backend.tokenizer, self._model)
+
+    # ------------------------------------------------------------- plumbing
+
+    async def _body(self, request: Request) -> object:
+        raw = await request.body()
+        if len(raw) > self.config.max_body_bytes:
+            raise ApiError(
+                413,
+                f"body: {len(raw)} bytes, at most {self.config.max_body_bytes}",
+                "invalid_request_error",
+                param="body",
+            )
+        # Depth before parsing: a body nested thousands deep is a RecursionError otherwise.
+        return input_limits.parse_json_body(self.config.limits, raw)
+
+    def _check_model(self, name: str) -> str:
+        ids = [m.id for m in self.backend.models]
+        if name not in ids:
+            raise ApiError(
+                404,
+                f"model: {name!r} is not served here (served: {', '.join(ids)})",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    def _deadline(self, request: Request) -> float | None:
+        value = request.headers.get(DEADLINE_HEADER)
+        if value is None:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise _bad_request(
+                DEADLINE_HEADER, f"{DEADLINE_HEADER}: must be a positive number of seconds"
+            )
+        return time.monotonic() + seconds
+
+    def _params(
+        self,
+        build: Callable[[], SamplingParams],
+        given: dict[str, Any],
+        prompt_len: int,
+        name: Callable[[str], str],
+    ) -> SamplingParams:
+        """SamplingParams, max_tokens defaulting to what the context has left (OpenAI's
+        default); a SamplingParamsError names the field as the route's client spells it."""
+        given.setdefault("max_tokens", max(1, self._model.max_model_len - prompt_len))
+        try:
+            params = build()
+            params.check_against_model(
+                prompt_len, self._model.max_model_len, self._model.vocab_size
+            )
+        except SamplingParamsError as err:
+            raise _bad_request(name(err.field), _renamed(str(err), err.field, name)) from None
+        return params
+
+    async def _open(
+        self, rid: str, prompt: list[int], params: SamplingParams, deadline: float | None
+    ) -> tuple[AsyncGenerator[GenerationDelta, None], GenerationDelta]:
+        """Start the request and wait for its first delta (admission errors raise here)."""
+        request = GenerationRequest(
+            request_id=prepare.request_id(rid),
+            prompt_token_ids=tuple(prompt),
+            params=params,
+            deadline=deadline,
+        )
+        stream = self.backend.generate(request)
+        try:
+            async with _until(deadline):
+                first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream, first
+
+    # --------------------------------------------------------------- routes
+
+    async def chat_completions(self, request: Request) -> Response:
+        data = await self._body(request)
+        input_limits.check_json_chat_sizes(self.config.limits, data)
+        body = parse_body(ChatCompletionRequest, data)
+        model = self._check_model(body.model)
+        tok = self.backend.tokenizer
+        prepared = chat.prepare_chat(body, tok, self._text_limit)
+        prompt = await asyncio.to_thread(
+            prepare.chat_prompt, prepared.conversation, tok, prepared.forced
+        )
+        params = self._params(
+            lambda: chat.sampling_for(prepared, tok),
+            prepared.sampling,
+            len(prompt),
+            lambda f: chat.param_name(body, f),
+        )
+        deadline = self._deadline(request)
+        rid = f"chatcmpl-{prepare.request_id(body.request_id)}"
+        stream, first = await self._open(body.request_id, prompt, params, deadline)
+        splitter = ChatSplitter(tok, prepared.forced.header_ids if prepared.forced else ())
+        want_lp = bool(body.logprobs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunker = chat.ChatChunker(rid, model, tok, want_lp, include_usage)
+
+            async def events() -> AsyncIterator[dict[str, Any]]:
+                yield chunker.first()
+                async with aclosing(_deltas(stream, first, deadline)) as deltas:
+                    async for delta in deltas:
+                        for chunk in chunker.chunks(splitter.split(delta)):
+                            yield chunk
+
+            return _sse(events(), done_marker=True)
+        acc = chat.ChatAccumulator(tok, want_lp)
+        await _each(stream, first, deadline, lambda d: acc.add(splitter.split(d)))
+        return JSONResponse(acc.completion(rid, model))
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_body(CompletionRequest, await self._body(request))
+        model = self._check_model(body.model)
+        tok = self.backend.tokenizer
+        given = completions.sampling(body)
+        prompt = await asyncio.to_thread(
+            completions.prompt_ids, body, tok, self._model, self._text_limit
+        )
+        stop = completions.stop(body)
+        stop_ids = tuple(body.stop_token_ids or ())
+        params = self._params(
+            lambda: prepare.sampling_params(given, stop, stop_ids),
+            given,
+            len(prompt),
+            lambda f: f,
+        )
+        deadline = self._deadline(request)
+        rid = f"cmpl-{prepare.request_id(body.request_id)}"
+        stream, first = await self._open(body.request_id, prompt, params, deadline)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        builder = completions.CompletionBuilder(
+            rid, model, tok, body.logprobs is not None, include_usage
+        )
+        if body.stream:
+
+            async def events() -> AsyncIterator[dict[str, Any]]:
+                async with aclosing(_deltas(stream, first, deadline)) as deltas:
+                    async for delta in deltas:
+                        for chunk in builder.chunks(delta.output):
+                            yield chunk
+
+            return _sse(events(), done_marker=True)
+        await _each(stream, first, deadline, lambda d: builder.add(d.output))
+        return JSONResponse(builder.completion())
+
+    async def responses(self, request: Request) -> Response:
+        data = await self._body(request)
+        input_limits.check_json_chat_sizes(self.config.limits, data, messages_key="input")
+        body = parse_body(ResponsesRequest, data)
+        model = self._check_model(body.model)
+        tok = self.backend.tokenizer
+        conv = responses.conversation(body, self._text_limit)
+        prompt = await asyncio.to_thread(prepare.chat_prompt, conv, tok)
+        given = responses.sampling(body)
+        stop_ids = tuple(body.stop_token_ids or ())
+        params = self._params(
+            lambda: prepare.chat_sampling_params(given, tok, (), stop_ids),
+            given,
+            len(prompt),
+            responses.param_name,
+        )
+        deadline = self._deadline(request)
+        stream, first = await self._open(body.request_id, prompt, params, deadline)
+        splitter = ChatSplitter(tok)
+        builder = responses.ResponseBuilder(body, model)
+        if body.stream:
+
+            async def events() -> AsyncIterator[dict[str, Any]]:
+                for event in builder.start_events():
+                    yield event
+                async with aclosing(_deltas(stream, first, deadline)) as deltas:
+                    async for delta in deltas:
+                        for event in builder.add(splitter.split(delta)):
+                            yield event
+
+            return _sse(events(), done_marker=False, named=True)
+        await _each(stream, first, deadline, lambda d: builder.add(splitter.split(d)))
+        return JSONResponse(builder.response())
+
+    def models(self) -> JSONResponse:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": m.id,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "tandem",
+                        "max_model_len": m.max_model_len,
+                    }
+                    for m in self.backend.models
+                ],
+            }
+        )
+
+    async def health(self) -> Response:
+        timeout = self.config.health_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                status = await self.backend.check_health()
+        except TimeoutError:
+            return JSONResponse({"status": "NOT_SERVING", "detail": "health check timed out"}, 503)
+        except Exception as err:  # a failing check is an unhealthy backend, not a crash
+            log.warning("health check failed: %r", err)
+            return JSONResponse({"status": "NOT_SERVING", "detail": type(err).__name__}, 503)
+        if not status.serving:
+            return JSONResponse({"status": "NOT_SERVING", "detail": status.detail}, 503)
+        return JSONResponse({"status": "SERVING"})
+
+
+def _renamed(message: str, field_name: str, name: Callable[[str], str]) -> str:
+    new = name(field_name)
+    return message if new == field_name else message.replace(field_name, new, 1)
+
+
+class _until:
+    """asyncio.timeout_at for a time.monotonic() deadline (None: no deadline), raising
+    DeadlineExceeded when it is the deadline that ended the block."""
+
+    def __init__(self, deadline: float | None) -> None:
+        when = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            when = loop.time() + (deadline - time.monotonic())
+        self._timeout = asyncio.timeout_at(when)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, kind, value, tb) -> bool | None:
+        try:
+            return await self._timeout.__aexit__(kind, value, tb)
+        except TimeoutError:
+            if self._timeout.expired():
+                raise DeadlineExceeded from None
+            raise
+
+
+async def _deltas(
+    stream: AsyncGenerator[GenerationDelta, None], first: GenerationDelta, deadline: float | None
+) -> AsyncIterator[GenerationDelta]:
+    """The request's deltas up to the last one. Leaving early by any path (the client
+    went away, the deadline passed, an error) closes the backend stream, which aborts
+    the request wherever it runs."""
+    async with aclosing(stream), _until(deadline):
+        yield first
+        if first.output.finished:
+            return
+        async for delta in stream:
+            yield delta
+            if delta.output.finished:
+                return
+
+
+async def _each(
+    stream: AsyncGenerator[GenerationDelta, None],
+    first: GenerationDelta,
+    deadline: float | None,
+    consume: Callable[[GenerationDelta], object],
+) -> None:
+    """Run a non-streamed request to its end, handing each delta to `consume`."""
+    async with aclosing(_deltas(stream, first, deadline)) as deltas:
+        async for delta in deltas:
+            consume(delta)
+
+
+def error_for(err: BaseException, retry_after_s: int = 1) -> ApiError:
+    """The OpenAI-shaped error of an exception raised while serving a request."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, (SamplingParamsError, InvalidRequestError)):
+        return _bad_request(err.field, str(err))
+    if isinstance(err, QueueFull):
+        return ApiError(
+            429,
+            f"overloaded: {err}",
+            "rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    if isinstance(err, BackendUnavailable):
+        return ApiError(503, f"unavailable: {err}", "server_error", code="unavailable")
+    if isinstance(err, DeadlineExceeded):
+        return ApiError(504, "the deadline passed", "timeout", code="deadline_exceeded")
+    log.error("request failed", exc_info=err)
+    return ApiError(500, "internal error", "server_error")
+
+
+def _sse(
+    events: AsyncIterator[dict[str, Any]], done_marker: bool, named: bool = False
+) -> StreamingResponse:
+    """Server-sent events, one JSON object each. An error after the 200 went out is sent
+    as a last event in OpenAI's error shape (the status line cannot change any more)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                prefix = f"event: {event['type']}\n" if named else ""
+                yield f"{prefix}data: {json.dumps(event)}\n\n".encode()
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:
+            error = error_for(err).body()
+            if named:
+                error = {"type": "error", **error["error"]}
+                yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
+            else:
+                yield f"data: {json.dumps(error)}\n\n".encode()
+            return
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        if done_marker:
+            yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def build_http_app(backend: GenerationBackend, config: HttpConfig) -> FastAPI:
+    """The FastAPI app of one front over `backend`."""
+    front = OpenAIFront(backend, config)
+    app = FastAPI(title="tandem", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.front = front
+
+    async def guarded(handler, request: Request) -> Response:
+        try:
+            if config.api_key and not bearer_ok(
+                request.headers.get("authorization"), config.api_key
+            ):
+                raise ApiError(
+                    401,
+                    "missing or invalid API key",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
+            return await handler(request)
+        except Exception as err:
+            return error_for(err, config.retry_after_s).response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await guarded(front.chat_completions, request)
+
+    @app.post("/v1/completions")
+    async def completions_route(request: Request) -> Response:
+        return await guarded(front.completions, request)
+
+    @app.post("/v1/responses")
+    async def responses_route(request: Request) -> Response:
+        return await guarded(front.responses, request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        async def answer(_: Request) -> Response:
+            return front.models()
+
+        return await guarded(answer, request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return await front.health()
+
+    return app
