@@ -10,6 +10,7 @@ engine is a real engine thread blocked by its fault hook.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import io
 import ipaddress
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -33,10 +35,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from tandem.cluster import client_cli
 from tandem.cluster.api.gen import tandem_pb2 as pb
+from tandem.cluster.api.health import ServerHealth
 from tandem.cluster.api.server import PortInUse, ServerConfig, TandemServer
 from tandem.cluster.client import TandemClient
-from tandem.cluster.config import load_app_config
-from tandem.cluster.serve_cmd import overrides_from_args
+from tandem.cluster.config import ConfigOverrides, load_app_config
+from tandem.cluster.serve_cmd import check_one_ingress, overrides_from_args
 from tandem.workers.synthetic.tiny_model import default_model_dir
 from tests.support.api_server import EventLoopThread, new_backend
 
@@ -375,3 +378,60 @@ def test_serve_tls_flags_reach_the_config(pki, tmp_path):
     args.tls_key = str(tmp_path / "missing.pem")
     with pytest.raises(SystemExit, match="--tls-key: no such file"):
         overrides_from_args(args)
+
+
+def test_serve_runs_one_ingress_replica_on_a_machine(tmp_path):
+    check_one_ingress(load_app_config(None, ConfigOverrides()))
+    raw = yaml.safe_load(Path("deploy/serve-config.yaml").read_text())
+    app = raw["applications"][0]
+    app["deployments"] = [d for d in app.get("deployments", []) if d["name"] != "Ingress"]
+    app["deployments"].append({"name": "Ingress", "num_replicas": 2})
+    path = tmp_path / "two-ingresses.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="2 Ingress replicas on one machine"):
+        check_one_ingress(load_app_config(str(path), ConfigOverrides()))
+
+
+class CountingHealthBackend:
+    """Wraps a real backend's check: counts the calls, and holds each one (`entered` set)
+    until `release` is set."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.calls = 0
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def check_health(self):
+        self.calls += 1
+        self.entered.set()
+        await self.release.wait()
+        return await self.backend.check_health()
+
+
+def test_concurrent_health_checks_share_one_engine_check(engine, loop_thread):
+    """Health is unauthenticated: a flood of probes must cost one engine check at a time."""
+
+    async def flood(counting: CountingHealthBackend) -> list:
+        health = ServerHealth(counting, timeout_s=10.0, engine_services=(SERVICE,))
+        tasks = [asyncio.ensure_future(health.check()) for _ in range(20)]
+        await counting.entered.wait()
+        for _ in range(3):  # let every task reach the shared check before releasing it
+            await asyncio.sleep(0)
+        counting.release.set()
+        first = await asyncio.gather(*tasks)
+        counting.release.clear()
+        counting.entered.clear()
+        later = asyncio.ensure_future(health.check())
+        await counting.entered.wait()
+        counting.release.set()
+        return [*first, await later]
+
+    async def run() -> tuple[list, int]:
+        counting = CountingHealthBackend(engine[0])
+        statuses = await flood(counting)
+        return statuses, counting.calls
+
+    statuses, calls = loop_thread.run(run())
+    assert len(statuses) == 21 and all(s.serving for s in statuses)
+    assert calls == 2  # one for the 20 concurrent checks, one for the later check
