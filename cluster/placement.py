@@ -44,6 +44,11 @@ class PlacementConfig:
     hash_cache: HashCacheConfig | None = HashCacheConfig()
     # Recent prompts' block-hash chains, so a chat's next turn hashes only its new blocks
     # (router/hash_cache.py; the same placements either way). None: hash every prompt.
+    delta_load: bool = True
+    # Join heartbeats with this ingress's in-flight figures by the delta rule (this
+    # ingress's part fresh, the other replicas' part from the heartbeat; router/load.py);
+    # False: by the larger of the two, which keeps drained replicas busy until the next
+    # heartbeat (bench/router_sim.py measured both).
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -125,7 +130,11 @@ class IngressPlacement:
 
     def load_view(self, workers: Sequence[WorkerRecord]) -> LoadView:
         return LoadView.from_workers(
-            workers, self.in_flight.counts(), self.in_flight.prompt_tokens(), self._load_memo
+            workers,
+            self.in_flight.counts(),
+            self.in_flight.prompt_tokens(),
+            self._load_memo,
+            delta=self.config.delta_load,
         )
 
     def cached_tokens(self, prompt_token_ids: Sequence[int], view: LoadView) -> dict[str, int]:

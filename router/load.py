@@ -12,9 +12,21 @@ Two sources, joined per replica id:
 Heartbeats lag by up to one interval, so a burst of requests placed between two
 heartbeats would all see the same "least loaded" replica; the in-flight figures close
 that gap. Neither source is complete alone: heartbeats see the other ingress replicas'
-requests, the in-flight figures see this ingress's latest ones. Each pair is joined by
-taking the larger value (`outstanding`, `pending_prompt_tokens`), which never counts a
-request twice.
+requests, the in-flight figures see this ingress's latest ones. Two joins:
+
+  max    (no snapshot known) the larger of the two: never counts a request twice, but a
+         replica that drained since its last heartbeat still looks as busy as then.
+  delta  (LoadView.from_workers(..., delta=True) with a memo) this ingress's in-flight
+         figure now, plus what the heartbeat held beyond this ingress's own figure at the
+         time it first saw that heartbeat (the other ingress replicas' part):
+
+             outstanding = in_flight_now + max(0, heartbeat - in_flight_at_heartbeat)
+
+         This ingress's part is then always fresh (requests that finished since the
+         heartbeat leave at once); only the other replicas' part waits for the next
+         heartbeat. With one ingress, or with every ingress's counts shared, the view is
+         exact between heartbeats (bench/router_sim.py: the max join made drained
+         replicas look busy for up to a heartbeat interval).
 
 Pure Python: no torch, no Ray, no Redis client (the caller passes worker records in).
 """
@@ -73,6 +85,10 @@ class ReplicaLoad:
     # Sequences it runs at once (capacity); normalises the request count.
     kv_capacity_tokens: int = 0
     # Tokens its full-attention KV group holds (capacity); scales kv_usage to tokens.
+    in_flight_at_heartbeat: int | None = None
+    in_flight_prompt_tokens_at_heartbeat: int | None = None
+    # This ingress's in-flight figures when it first saw the heartbeat above: the delta
+    # join (module docstring). None: unknown, join by the larger value.
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -108,12 +124,18 @@ class ReplicaLoad:
         had arrived by then, so adding the in-flight count would count them twice; the
         larger of the two is a lower bound on the truth that never double counts.
         """
-        return max(self.running + self.waiting, self.in_flight)
+        if self.in_flight_at_heartbeat is None:
+            return max(self.running + self.waiting, self.in_flight)
+        others = self.running + self.waiting - self.in_flight_at_heartbeat
+        return self.in_flight + (others if others > 0 else 0)
 
     @cached_property
     def pending_prompt_tokens(self) -> int:
         """Prompt tokens waiting to be computed there, joined like `outstanding`."""
-        return max(self.queued_prompt_tokens, self.in_flight_prompt_tokens)
+        if self.in_flight_prompt_tokens_at_heartbeat is None:
+            return max(self.queued_prompt_tokens, self.in_flight_prompt_tokens)
+        others = self.queued_prompt_tokens - self.in_flight_prompt_tokens_at_heartbeat
+        return self.in_flight_prompt_tokens + (others if others > 0 else 0)
 
     @cached_property
     def kv_tokens_in_use(self) -> float:
@@ -156,6 +178,8 @@ class LoadView:
         in_flight: Mapping[str, int] | None = None,
         in_flight_prompt_tokens: Mapping[str, int] | None = None,
         memo: ReplicaMemo | None = None,
+        *,
+        delta: bool = False,
     ) -> LoadView:
         """Join registry records with this ingress's in-flight figures (InFlight).
 
@@ -167,7 +191,11 @@ class LoadView:
         while its record is the same object and its in-flight figures are unchanged,
         which between two registry polls is every replica but the ones the last requests
         went to. Records must not change in place (WorkerInfo is frozen).
+        delta: join by the delta rule (module docstring); needs the memo, which remembers
+        this ingress's in-flight figures when each record was first seen.
         """
+        if delta and memo is None:
+            raise ValueError("LoadView.from_workers: delta=True needs a memo")
         in_flight = in_flight or {}
         in_flight_prompt_tokens = in_flight_prompt_tokens or {}
         prefill: dict[str, ReplicaLoad] = {}
@@ -180,9 +208,11 @@ class LoadView:
             if known is not None and known[0] is worker and known[1] == figures:
                 entry = known[2]
             else:
-                entry = _replica_load(worker, *figures)
+                # The figures when this record was first seen (a new heartbeat).
+                seen_at = known[3] if known is not None and known[0] is worker else figures
+                entry = _replica_load(worker, *figures, seen_at if delta else None)
                 if memo is not None:
-                    memo[rid] = (worker, figures, entry)
+                    memo[rid] = (worker, figures, entry, seen_at)
             seen += 1
             role = worker.role
             if role == "prefill" or role == "both":
@@ -199,12 +229,18 @@ class LoadView:
         )
 
 
-ReplicaMemo = dict[str, tuple[WorkerRecord, tuple[int, int], ReplicaLoad]]
-"""LoadView.from_workers' memo: replica id -> (its record, its in-flight figures, entry)."""
+ReplicaMemo = dict[
+    str, tuple[WorkerRecord, tuple[int, int], ReplicaLoad, tuple[int, int]]
+]
+"""LoadView.from_workers' memo: replica id -> (its record, its in-flight figures, entry,
+the in-flight figures when that record was first seen)."""
 
 
 def _replica_load(
-    worker: WorkerRecord, in_flight: int, in_flight_prompt_tokens: int
+    worker: WorkerRecord,
+    in_flight: int,
+    in_flight_prompt_tokens: int,
+    at_heartbeat: tuple[int, int] | None = None,
 ) -> ReplicaLoad:
     return ReplicaLoad(
         replica_id=worker.replica_id,
@@ -217,6 +253,10 @@ def _replica_load(
         max_num_seqs=worker.capacity.max_num_seqs,
         # Groups are ordered full attention first (GptOssConfig.kv_groups).
         kv_capacity_tokens=worker.capacity.kv_blocks[0] * worker.capacity.block_size,
+        in_flight_at_heartbeat=at_heartbeat[0] if at_heartbeat is not None else None,
+        in_flight_prompt_tokens_at_heartbeat=(
+            at_heartbeat[1] if at_heartbeat is not None else None
+        ),
     )
 
 

@@ -142,6 +142,10 @@ class PrefixAwareConfig:
     max_imbalance: int = 8
     # A replica is only eligible while its outstanding requests exceed the least busy
     # replica's by at most this many (see PrefixAware).
+    slot_bound: bool = True
+    # A replica whose outstanding requests fill its sequence slots (max_num_seqs) is only
+    # eligible when every replica's do: a request there would wait for a slot, which the
+    # cost (prompt tokens) does not see.
 
     def __post_init__(self) -> None:
         for name in ("prompt_weight", "queued_weight", "kv_weight"):
@@ -154,6 +158,8 @@ class PrefixAwareConfig:
             raise ValueError(
                 f"PrefixAwareConfig.max_imbalance must be >= 0, got {self.max_imbalance}"
             )
+        if not isinstance(self.slot_bound, bool):
+            raise ValueError("PrefixAwareConfig.slot_bound must be a bool")
 
 
 class PrefixAware(PlacementPolicy):
@@ -197,9 +203,21 @@ class PrefixAware(PlacementPolicy):
         )
 
     def eligible(self, replicas: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
-        """The replicas within the imbalance bound of the least busy one."""
+        """The replicas within the imbalance bound of the least busy one (and with a free
+        sequence slot, under slot_bound, unless none has one)."""
         bound = min([r.outstanding for r in replicas]) + self.config.max_imbalance
-        return [r for r in replicas if r.outstanding <= bound]
+        slots = self._slots_matter(replicas, bound)
+        return [
+            r
+            for r in replicas
+            if r.outstanding <= bound and not (slots and r.outstanding >= r.max_num_seqs)
+        ]
+
+    def _slots_matter(self, replicas: Sequence[ReplicaLoad], bound: int) -> bool:
+        """slot_bound applies: on, and a replica within the bound has a free slot."""
+        return self.config.slot_bound and any(
+            r.outstanding <= bound and r.outstanding < r.max_num_seqs for r in replicas
+        )
 
     def choose(self, request: PoolRequest) -> Choice | None:
         replicas = request.replicas
@@ -209,6 +227,7 @@ class PrefixAware(PlacementPolicy):
         # the cheapest eligible replica by (cost, outstanding per slot, id), the longest
         # prefix in the pool and among the eligible ones.
         bound = min([r.outstanding for r in replicas]) + self.config.max_imbalance
+        slots = self._slots_matter(replicas, bound)
         cached = request.cached_tokens
         cost = self.cost
         best: ReplicaLoad | None = None
@@ -218,14 +237,16 @@ class PrefixAware(PlacementPolicy):
             held = cached.get(r.replica_id, 0)
             if held > longest:
                 longest = held
-            if r.outstanding > bound:
+            if r.outstanding > bound or (slots and r.outstanding >= r.max_num_seqs):
                 continue
             if held > longest_eligible:
                 longest_eligible = held
             key = (cost(request, r), r.outstanding / r.max_num_seqs, r.replica_id)
             if best_key is None or key < best_key:
                 best, best_key = r, key
-        assert best is not None  # the least busy replica is always eligible
+        # Some replica is always eligible: the least busy one is within the bound, and the
+        # slot rule only applies when one within the bound has a free slot.
+        assert best is not None
         if longest == 0:
             reason = "no_prefix"
         elif cached.get(best.replica_id, 0) == longest:

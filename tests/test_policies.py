@@ -203,7 +203,11 @@ def test_make_policy_names():
 
 
 def _hot_prefix_run(
-    max_imbalance: int, cache_spreads: bool, finish_rate: float, seed: int = 0
+    max_imbalance: int,
+    cache_spreads: bool,
+    finish_rate: float,
+    seed: int = 0,
+    slot_bound: bool = True,
 ) -> tuple[list[str], int]:
     """300 requests sharing a 256-token system prompt, placed one by one over 4
     replicas, with completions at random. The prefix starts cached on "r0" only; with
@@ -217,7 +221,7 @@ def _hot_prefix_run(
     for h in prompt_block_hashes(system + [0], block):
         index.stored("r0", FULL, h)
     ids = ["r0", "r1", "r2", "r3"]
-    policy = PrefixAware(PrefixAwareConfig(max_imbalance=max_imbalance))
+    policy = PrefixAware(PrefixAwareConfig(max_imbalance=max_imbalance, slot_bound=slot_bound))
     flight = InFlight()
     placed: list[str] = []
     spread = 0
@@ -264,10 +268,20 @@ def test_hot_prefix_bound_holds_with_completions(bound):
 
 
 def test_without_the_bound_a_hot_prefix_piles_onto_one_replica():
-    """The same run with an unreachable bound: every request goes to the holder, which
-    is what the bound exists to prevent."""
-    placed, spread = _hot_prefix_run(10_000, cache_spreads=False, finish_rate=0.0)
+    """The same run with an unreachable bound and no slot rule: every request goes to the
+    holder, which is what the bounds exist to prevent."""
+    placed, spread = _hot_prefix_run(10_000, False, finish_rate=0.0, slot_bound=False)
     assert set(placed) == {"r0"} and spread == 300
+
+
+def test_slot_bound_alone_caps_the_holder_at_its_slots():
+    """An unreachable request bound, the slot rule on: the holder takes requests until its
+    8 slots are full, then the others fill theirs (in turn: cost ties go to the less busy,
+    then the lower id), and once every replica is full the cost decides again."""
+    placed, _ = _hot_prefix_run(10_000, cache_spreads=False, finish_rate=0.0)
+    assert placed[:8] == ["r0"] * 8
+    assert placed[8:32] == ["r1", "r2", "r3"] * 8
+    assert set(placed[32:]) == {"r0"}
 
 
 # ------------------------------------------------- prefix aware over a real index
@@ -525,6 +539,9 @@ def _prefix_aware_by_definition(config: PrefixAwareConfig, request: PoolRequest)
 
     least = min(outstanding(r) for r in pool)
     eligible = [r for r in pool if outstanding(r) <= least + config.max_imbalance]
+    free_slot = [r for r in eligible if outstanding(r) < r.max_num_seqs]
+    if config.slot_bound and free_slot:
+        eligible = free_slot
 
     def key(r: ReplicaLoad) -> tuple:
         cost = (
@@ -555,6 +572,7 @@ def test_prefix_aware_equals_its_definition_on_random_pools():
         pool = tuple(
             replica(
                 f"r{i}",
+                max_num_seqs=rng.choice([3, 4, 8]),
                 running=rng.randrange(4),
                 waiting=rng.randrange(3),
                 in_flight=rng.randrange(6),
@@ -570,6 +588,7 @@ def test_prefix_aware_equals_its_definition_on_random_pools():
             queued_weight=rng.choice([0.0, 1.0]),
             kv_weight=rng.choice([0.0, 0.05]),
             max_imbalance=rng.randrange(4),
+            slot_bound=rng.random() < 0.5,
         )
         request = PoolRequest(pool, rng.choice([10, 40, 100]), cached)
         policy = PrefixAware(config)
@@ -578,3 +597,36 @@ def test_prefix_aware_equals_its_definition_on_random_pools():
         assert policy.choose(request) == want
         assert request.best_cached() == max(cached.get(r.replica_id, 0) for r in pool)
     assert PrefixAware().choose(PoolRequest((), 10)) is None
+
+
+def test_prefix_aware_slot_bound_skips_a_holder_with_full_slots():
+    # a holds the whole prefix but its 8 slots are taken; b has room. The imbalance bound
+    # alone (64) would keep a eligible.
+    pool = [replica("a", running=8), replica("b", running=2)]
+    config = PrefixAwareConfig(max_imbalance=64)
+    assert PrefixAware(config).choose(PoolRequest(tuple(pool), 100, {"a": 96})) == Choice(
+        "b", "imbalance_bound"
+    )
+    off = PrefixAwareConfig(max_imbalance=64, slot_bound=False)
+    assert PrefixAware(off).choose(PoolRequest(tuple(pool), 100, {"a": 96})) == Choice(
+        "a", "prefix"
+    )
+    # Every replica full: the rule steps aside and the cost decides.
+    full = [replica("a", running=8), replica("b", running=9)]
+    assert PrefixAware(config).choose(PoolRequest(tuple(full), 100, {"a": 96})) == Choice(
+        "a", "prefix"
+    )
+    with pytest.raises(ValueError, match="slot_bound"):
+        PrefixAwareConfig(slot_bound=1)
+
+
+def test_prefix_aware_prompt_weight_keeps_a_conversation_over_a_short_queue():
+    # a holds 900 of 1000 prompt tokens and has 1000 queued; b holds nothing, queue empty.
+    # Equal weights move the request to b (100 + 1000 > 1000: a fresh replica looks
+    # cheaper for this request); with prompt_weight 2 recomputing 1000 tokens costs the
+    # pool 2000 and the request stays where its prefix is (200 + 1000 < 2000).
+    pool = (replica("a", queued_prompt_tokens=1000), replica("b"))
+    request = PoolRequest(pool, 1000, {"a": 900})
+    assert PrefixAware(PrefixAwareConfig(max_imbalance=64)).choose(request) == Choice("b", "load")
+    shipped = PrefixAwareConfig(prompt_weight=2.0, max_imbalance=64)
+    assert PrefixAware(shipped).choose(request) == Choice("a", "prefix")

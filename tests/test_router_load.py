@@ -64,3 +64,33 @@ def test_view_checks_order_and_derived_figures_follow_the_entry():
         assert (a.outstanding, b.outstanding) == (5, 0)
         assert (a.pending_prompt_tokens, b.pending_prompt_tokens) == (0, 7)
     assert ReplicaLoad("c", kv_usage=0.5, kv_capacity_tokens=64).kv_tokens_in_use == 32.0
+
+
+def test_delta_join_keeps_this_ingress_fresh_and_others_from_the_heartbeat():
+    # Heartbeat: 6 requests, 300 prompt tokens queued; this ingress had 4 / 200 of them
+    # in flight when it first saw that record.
+    record = _worker("d0", "decode", 6)  # running 6, queued 18
+    memo: ReplicaMemo = {}
+    first = LoadView.from_workers([record], {"d0": 4}, {"d0": 10}, memo, delta=True).decode[0]
+    assert (first.in_flight_at_heartbeat, first.in_flight_prompt_tokens_at_heartbeat) == (4, 10)
+    # others: 6 - 4 = 2 requests, 18 - 10 = 8 tokens.
+    assert (first.outstanding, first.pending_prompt_tokens) == (6, 18)
+    # Three of this ingress's requests finished since: fresh at once (the max join would
+    # keep the heartbeat's 6 until the next heartbeat).
+    later = LoadView.from_workers([record], {"d0": 1}, {"d0": 0}, memo, delta=True).decode[0]
+    assert (later.outstanding, later.pending_prompt_tokens) == (3, 8)
+    legacy = LoadView.from_workers([record], {"d0": 1}, {"d0": 0}).decode[0]
+    assert (legacy.outstanding, legacy.pending_prompt_tokens) == (6, 18)
+    # More placed here than the heartbeat knew: counted once, never negative for others.
+    burst = LoadView.from_workers([record], {"d0": 9}, {"d0": 50}, memo, delta=True).decode[0]
+    assert (burst.outstanding, burst.pending_prompt_tokens) == (11, 58)
+    # A new heartbeat record snapshots the figures of the moment it is first seen.
+    fresh = _worker("d0", "decode", 9)
+    now = LoadView.from_workers([fresh], {"d0": 9}, {"d0": 50}, memo, delta=True).decode[0]
+    assert (now.in_flight_at_heartbeat, now.outstanding) == (9, 9)
+    assert now.pending_prompt_tokens == 50
+
+
+def test_delta_join_needs_a_memo():
+    with pytest.raises(ValueError, match="delta=True needs a memo"):
+        LoadView.from_workers([_worker("d0", "decode")], delta=True)
