@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import openai
 import pytest
 import ray
 import redis
@@ -243,10 +244,22 @@ def test_tandem_serve_runs_the_cluster_and_shuts_down_cleanly(tmp_path, tiny_mod
     env["TANDEM_API_KEY"] = "test-key-42"
     command = [sys.executable, "-m", "tandem.cluster.cli", "serve", "--config", str(config_path)]
     command += ["--model", str(tiny_model_dir), "--prefill", "1", "--decode", "1"]
+    http_port = _free_port()
+    command += ["--http-port", str(http_port)]
     with serve_process(command, env) as server:
         server.wait_ready(180)
         lines = server.lines
         assert f"tandem: gRPC on 127.0.0.1:{port}\n" in lines
+        base = f"http://127.0.0.1:{http_port}/v1"
+        assert f"tandem: HTTP (OpenAI API) on {base}\n" in lines
+        # The OpenAI API on the same cluster, with the same key (the official client).
+        with openai.OpenAI(base_url=base, api_key="test-key-42", max_retries=0) as http:
+            assert [m.id for m in http.models.list()] == ["tiny"]
+            done = http.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3)
+            assert done.usage.completion_tokens <= 3 and done.choices[0].finish_reason
+        with openai.OpenAI(base_url=base, api_key="wrong", max_retries=0) as http:
+            with pytest.raises(openai.AuthenticationError):
+                http.models.list()
         [redis_line] = [ln for ln in lines if ln.startswith("tandem: private redis-server on")]
         redis_port = int(redis_line.rsplit(":", 1)[1].split("/")[0])
         with TandemClient(f"127.0.0.1:{port}") as anonymous:
@@ -259,7 +272,7 @@ def test_tandem_serve_runs_the_cluster_and_shuts_down_cleanly(tmp_path, tiny_mod
             assert len(result.token_ids) == 4 and result.last.served_by.prefill_replica
         assert server.stop() == 0, server.tail()
     assert "tandem: shutting down\n" in lines
-    for stopped_port in (port, redis_port):
+    for stopped_port in (port, http_port, redis_port):
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.1", stopped_port))
 
