@@ -387,3 +387,209 @@ def test_fuzzed_json_bodies_parse_or_are_refused(raw, key):
         limits.check_json_chat_sizes(LIMITS, body, messages_key=key)
     except InvalidRequestError:
         pass
+
+
+# ------------------------------------------ fuzzing the HTTP front's request converters
+
+ANY_JSON = JSON_VALUES
+HTTP_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "x"])},
+        optional={
+            "content": st.none()
+            | st.text(max_size=30)
+            | st.lists(
+                st.fixed_dictionaries(
+                    {"type": st.sampled_from(["text", "image_url", "input_text"])},
+                    optional={"text": st.text(max_size=10) | ANY_JSON},
+                ),
+                max_size=3,
+            )
+            | ANY_JSON,
+            "name": SHORT,
+            "tool_call_id": SHORT,
+            "reasoning": st.text(max_size=10),
+            "reasoning_content": st.text(max_size=10),
+            "tool_calls": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "type": st.just("function"),
+                        "function": st.fixed_dictionaries(
+                            {"name": SHORT, "arguments": st.text(max_size=20)}
+                        ),
+                    },
+                    optional={"id": SHORT},
+                ),
+                max_size=2,
+            ),
+        },
+    ),
+    max_size=5,
+)
+HTTP_TOOLS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["function", "browser"]),
+            "function": st.fixed_dictionaries(
+                {"name": st.sampled_from(["f", "g", "bad name", ""])},
+                optional={
+                    "description": SHORT,
+                    "parameters": st.dictionaries(TRICKY_TEXT, ANY_JSON, max_size=3)
+                    | st.integers(0, 300).map(lambda n: json.loads(nested(n))),
+                },
+            ),
+        }
+    ),
+    max_size=3,
+)
+HTTP_SAMPLING = {
+    "temperature": st.floats() | st.integers(),
+    "top_p": st.floats(),
+    "top_k": st.integers(-(2**40), 2**40),
+    "max_tokens": st.integers(-(2**40), 2**40),
+    "seed": st.integers(-(2**70), 2**70),
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=300), max_size=70),
+    "stop_token_ids": st.lists(st.integers(-(2**40), 2**40), max_size=5),
+    "logprobs": st.booleans() | st.integers(-3, 30),
+    "top_logprobs": st.integers(-3, 30),
+    "n": st.integers(-1, 3),
+    "request_id": st.text(max_size=200),
+}
+CHAT_BODIES = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "other"]), "messages": HTTP_MESSAGES},
+    optional={
+        "tools": HTTP_TOOLS,
+        "tool_choice": st.sampled_from(["none", "auto", "required", "bogus"])
+        | st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries({"name": SHORT})}
+        ),
+        "reasoning_effort": st.sampled_from(["low", "medium", "high", "max"]),
+        "response_format": st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object"])}
+        ),
+        **HTTP_SAMPLING,
+    },
+)
+COMPLETION_BODIES = st.fixed_dictionaries(
+    {
+        "model": st.just("tiny"),
+        "prompt": st.text(max_size=40)
+        | st.lists(st.integers(-(2**40), 2**40), max_size=300)
+        | st.lists(st.text(max_size=5), max_size=2)
+        | ANY_JSON,
+    },
+    optional={
+        "echo": st.booleans(),
+        "suffix": SHORT,
+        "best_of": st.integers(0, 2),
+        **HTTP_SAMPLING,
+    },
+)
+RESPONSE_BODIES = st.fixed_dictionaries(
+    {
+        "model": st.just("tiny"),
+        "input": st.text(max_size=30)
+        | st.lists(
+            st.dictionaries(
+                st.sampled_from(
+                    ["type", "role", "content", "name", "arguments", "call_id", "output", "summary"]
+                ),
+                ANY_JSON
+                | st.sampled_from(
+                    [
+                        "message",
+                        "user",
+                        "assistant",
+                        "function_call",
+                        "function_call_output",
+                        "reasoning",
+                        "input_text",
+                    ]
+                ),
+                max_size=5,
+            ),
+            max_size=4,
+        ),
+    },
+    optional={
+        "instructions": SHORT,
+        "tools": st.lists(
+            st.dictionaries(
+                st.sampled_from(["type", "name", "description", "parameters"]),
+                ANY_JSON | st.sampled_from(["function", "f"]),
+                max_size=4,
+            ),
+            max_size=3,
+        ),
+        "reasoning": st.fixed_dictionaries({}, optional={"effort": st.sampled_from(["low", "x"])}),
+        "max_output_tokens": st.integers(-5, 2**40),
+        **HTTP_SAMPLING,
+    },
+)
+
+
+def _http_body(body: dict) -> object:
+    """As the HTTP front reads a body: bytes, then parse_json_body."""
+    return limits.parse_json_body(LIMITS, json.dumps(body).encode())
+
+
+@FUZZ
+@given(body=CHAT_BODIES)
+def test_fuzzed_http_chat_bodies_convert_or_are_refused(body, tokenizer, card):
+    """OpenAIFront.chat_completions up to the backend (cluster/http/app.py)."""
+    from tandem.cluster.api import prepare
+    from tandem.cluster.http import chat
+    from tandem.cluster.http.schema import ChatCompletionRequest, parse_body
+
+    try:
+        data = _http_body(body)
+        limits.check_json_chat_sizes(LIMITS, data)
+        parsed = parse_body(ChatCompletionRequest, data)
+        prepared = chat.prepare_chat(parsed, tokenizer, convert.max_prompt_bytes(tokenizer, card))
+        prompt = prepare.chat_prompt(prepared.conversation, tokenizer, prepared.forced)
+        params = chat.sampling_for(prepared, tokenizer)
+        params.check_against_model(len(prompt), card.max_model_len, card.vocab_size)
+        prepare.request_id(parsed.request_id)
+    except REFUSALS:
+        pass
+
+
+@FUZZ
+@given(body=COMPLETION_BODIES)
+def test_fuzzed_http_completion_bodies_convert_or_are_refused(body, tokenizer, card):
+    from tandem.cluster.api import prepare
+    from tandem.cluster.http import completions
+    from tandem.cluster.http.schema import CompletionRequest, parse_body
+
+    try:
+        parsed = parse_body(CompletionRequest, _http_body(body))
+        given_ = completions.sampling(parsed)
+        prompt = completions.prompt_ids(
+            parsed, tokenizer, card, convert.max_prompt_bytes(tokenizer, card)
+        )
+        stop_ids = tuple(parsed.stop_token_ids or ())
+        params = prepare.sampling_params(given_, completions.stop(parsed), stop_ids)
+        params.check_against_model(len(prompt), card.max_model_len, card.vocab_size)
+        prepare.request_id(parsed.request_id)
+    except REFUSALS:
+        pass
+
+
+@FUZZ
+@given(body=RESPONSE_BODIES)
+def test_fuzzed_http_responses_bodies_convert_or_are_refused(body, tokenizer, card):
+    from tandem.cluster.api import prepare
+    from tandem.cluster.http import responses
+    from tandem.cluster.http.schema import ResponsesRequest, parse_body
+
+    try:
+        data = _http_body(body)
+        limits.check_json_chat_sizes(LIMITS, data, messages_key="input")
+        parsed = parse_body(ResponsesRequest, data)
+        conv = responses.conversation(parsed, convert.max_prompt_bytes(tokenizer, card))
+        prompt = prepare.chat_prompt(conv, tokenizer)
+        stop_ids = tuple(parsed.stop_token_ids or ())
+        params = prepare.chat_sampling_params(responses.sampling(parsed), tokenizer, (), stop_ids)
+        params.check_against_model(len(prompt), card.max_model_len, card.vocab_size)
+    except REFUSALS:
+        pass
