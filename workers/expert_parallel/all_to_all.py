@@ -3,17 +3,21 @@
 Each rank is the source of one slice of the tokens (rank r: rows [lo_r, hi_r) of an even
 split of T), so every pair is sent exactly once:
 
-    source r: its slice's pairs, sorted by owner ──all_to_all(x rows, meta)──> owners
+    source r: its slice's pairs, grouped by owner ──all_to_all(x rows)──> owners
     owner s:  compute(received rows) -> weighted y rows
     owner s:  y rows ──all_to_all (reverse splits)──> their sources
     source r: sum its pairs into its slice [hi_r - lo_r, d]
     all_gather(slices) ──> out [T, d] on every rank
 
-The split sizes are exchanged first (an all-to-all of N counts, read on the host). Per
-layer: four collectives; the bytes a rank sends are about its slice's T k / N pairs'
-rows instead of the all-reduce's T d. With attention replicated the all-gather restores
-what every rank needs next; under data-parallel attention (each rank its own tokens) it
-would be dropped, which is where this path pays.
+The routing is replicated (the contract of ExpertDispatcher), so every rank derives the
+whole [source, owner] count matrix and the expert ids and weights of the pairs it will
+receive from it, without exchanging them: what owner s receives from source r, in order,
+is the pairs of r's slice that s owns, in pair order; over all sources in rank order that
+is every pair s owns, in pair order. Three collectives per layer, and one read of the
+count matrix on the host (the split sizes). With attention replicated the all-gather
+restores what every rank needs next; under data-parallel attention (each rank its own
+tokens, routing no longer replicated) the counts and metadata would travel too and the
+all-gather would go, which is where this path pays.
 """
 
 from __future__ import annotations
@@ -33,37 +37,33 @@ class AllToAllDispatcher(ExpertDispatcher):
         compute: ExpertCompute,
     ) -> torch.Tensor:
         num_tokens, d = x.shape
-        world = self.placement.world_size
+        world, rank = self.placement.world_size, self.rank
         if num_tokens == 0:
             return torch.zeros((0, d), dtype=torch.float32, device=x.device)
         top_k = experts.shape[1]
         rows_per_rank = -(-num_tokens // world)  # the last slices may be short or empty
-        lo = min(self.rank * rows_per_rank, num_tokens)
+        lo = min(rank * rows_per_rank, num_tokens)
         hi = min(lo + rows_per_rank, num_tokens)
 
-        flat = experts[lo:hi].reshape(-1).long()  # [S * k] this slice's pairs
-        owner = self.owners(x.device)[flat]  # [S * k]
-        order = torch.argsort(owner, stable=True)  # pairs grouped by destination rank
-        token = lo + order // top_k  # [S * k] global token of each sorted pair
-        send_counts = torch.bincount(owner, minlength=world)  # [N]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        received = sum(recv_splits)
+        flat = experts.reshape(-1).long()  # [T k], pair p = token p // k, slot p % k
+        owner = self.owners(x.device)[flat]  # [T k]
+        source = torch.arange(flat.numel(), device=x.device) // (top_k * rows_per_rank)
+        counts = torch.bincount(source * world + owner, minlength=world * world)
+        counts = counts.view(world, world).tolist()  # [source][owner], the one host read
+        send_splits = counts[rank]  # to each owner, from my slice
+        recv_splits = [counts[s][rank] for s in range(world)]  # to me, from each source
 
-        # Rows travel in x's dtype; local expert id and weight travel as fp32 (ids < 2^24).
-        meta = torch.stack(
-            (self.local_ids(x.device)[flat[order]].float(), weights[lo:hi].reshape(-1)[order]),
-            dim=1,
-        )  # [S * k, 2]
-        rows_in = x.new_empty((received, d))
-        meta_in = meta.new_empty((received, 2))
+        # Sender: my slice's pairs grouped by owner (stable: pair order within a group).
+        order = lo * top_k + torch.argsort(owner[lo * top_k : hi * top_k], stable=True)
+        token = order // top_k  # [S k] global token of each sent pair
+        rows_in = x.new_empty((sum(recv_splits), d))
         dist.all_to_all_single(rows_in, x[token].contiguous(), recv_splits, send_splits,
                                group=self.group)
-        dist.all_to_all_single(meta_in, meta, recv_splits, send_splits, group=self.group)
 
-        y = compute(rows_in, meta_in[:, 0].long(), meta_in[:, 1])  # [received, d] fp32
-        y_back = y.new_empty((flat.numel(), d))
+        # Owner: the received pairs are every pair I own, in pair order (see above).
+        mine = torch.nonzero(owner == rank, as_tuple=True)[0]  # [P]
+        y = compute(rows_in, self.local_ids(x.device)[flat[mine]], weights.reshape(-1)[mine])
+        y_back = y.new_empty((order.numel(), d))
         dist.all_to_all_single(y_back, y.contiguous(), send_splits, recv_splits,
                                group=self.group)
 

@@ -57,6 +57,10 @@ class FollowerArgs:
 def run_follower(args: FollowerArgs) -> None:
     ep = ExpertParallelConfig(**args.ep)
     device = rank_device(torch.device(args.device), args.rank)
+    if device.type == "cpu":
+        # The N ranks share the host's cores: without this their OpenMP pools oversubscribe
+        # it (rank 0, the engine process, keeps its own setting).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ep.size))
     store = connect_store(args.address, ep.start_timeout_s)
     join_group(store, args.rank, ep.size, device, ep.timeout_s)
     model, _ = load_rank_model(
