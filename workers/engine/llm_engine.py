@@ -136,6 +136,8 @@ class _RequestState:
     params: SamplingParams
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    # stop_ids sorted, as the sampler takes them (made once, not every step).
+    stop_list: list[int]
     detokenizer: IncrementalDetokenizer
     stop_strings: StopStringMatcher | None
     arrival: float
@@ -394,6 +396,7 @@ class LLMEngine:
             params=params,
             generator=generator,
             stop_ids=frozenset(stop_ids),
+            stop_list=sorted(stop_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stop_strings=StopStringMatcher(params.stop) if params.stop else None,
             arrival=time.monotonic(),
@@ -607,7 +610,7 @@ class LLMEngine:
                 [s.params for s in sampling],
                 [s.generator for s in sampling],
                 [(s.request.prompt_token_ids, s.request.output_token_ids) for s in sampling],
-                [sorted(s.stop_ids) for s in sampling],
+                [s.stop_list for s in sampling],
             )
             tokens = result.token_ids.tolist()
             for row, state in enumerate(sampling):

@@ -179,7 +179,8 @@ class _GroupTables(ABC):
             released.append(block)
             table[i] = None
             ids[i] = -1
-        self.pool.free(released)
+        if released:  # most steps release nothing: skip the pool call
+            self.pool.free(released)
 
     def free(self, request_id: str) -> None:
         table = self.tables.pop(request_id, [])
