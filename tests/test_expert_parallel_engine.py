@@ -142,3 +142,43 @@ def test_cli_rejects_bad_ep(tiny_model_dir):
     run = _cli("generate", "--model", str(tiny_model_dir), "--prompt-ids", "1,2",
                "--max-tokens", "2", "--ep", "2", "--ep-dispatch", "broadcast")
     assert run.returncode != 0 and "dispatch" in run.stderr
+
+
+TIGHT = EngineConfig(device="cpu", kv_cache_tokens=96, max_num_batched_tokens=32,
+                     max_num_seqs=4, block_size=16)
+# Six full-attention blocks for three growing sequences: preemption is certain.
+SHARED = list(range(200, 232))  # two blocks of shared prefix
+
+
+def _scenario(engine: LLMEngine) -> tuple[dict, dict, float]:
+    """A warm prefix, then three requests sharing it under a KV budget that forces
+    preemption, one of them aborted mid-way; returns tokens, usage, preemptions."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    engine.generate([SHARED + [1]], SamplingParams(temperature=0.0, max_tokens=1))
+    for n in range(3):
+        engine.add_request(SHARED + [10 + n, 11 + n], params, request_id=f"r{n}")
+    tokens: dict[str, list[int]] = {f"r{n}": [] for n in range(3)}
+    usage = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.token_ids)
+            if out.finished:
+                usage[out.request_id] = (out.usage, out.finish_reason)
+        if len(tokens["r1"]) >= 17 and "r1" not in usage:  # past the KV crunch
+            out = engine.abort("r1")
+            usage["r1"] = (out.usage, out.finish_reason)
+    return tokens, usage, engine.metrics()["preemptions"]
+
+
+def test_prefix_hits_preemption_and_abort_as_in_one_process(tiny_model_dir):
+    expected = _scenario(LLMEngine.from_model_dir(tiny_model_dir, TIGHT))
+    tokens, usage, preemptions = expected
+    # The scenario exercises what it claims to, in one process already.
+    assert preemptions > 0
+    assert usage["r1"][1] == "abort" and len(tokens["r0"]) == 24
+    assert any(u.cached_tokens >= 32 for u, _ in usage.values())
+    engine = build_engine(tiny_model_dir, TIGHT, ExpertParallelConfig(size=2, timeout_s=60))
+    try:
+        assert _scenario(engine) == expected
+    finally:
+        engine.runner.close()
