@@ -2,7 +2,7 @@
 costs concurrent normal requests (issue 19, RELIABILITY.md targets 10 and 18).
 
     .venv/bin/python -m bench.hostile_input [--seconds 10] [--rounds 3] [--normal-clients 4]
-                                            [--json OUT]
+                                            [--hostile-rate R] [--json OUT]
 
 The server runs in its own process (the in-process backend: the tiny model on one CPU
 engine, as tests/support/api_server.py builds it), so the clients' threads do not share
@@ -11,7 +11,8 @@ Generate requests back to back (a 10-token prompt, 8 greedy tokens), `--rounds` 
 alternated so that drift in the machine's load falls on both alike:
 
     baseline        normal requests only
-    hostile         plus one thread sending the hostile requests below back to back
+    hostile         plus one thread sending the hostile requests below, in turn, back to
+                    back or `--hostile-rate` a second
     unbounded       (once, at the end) hostile again, against a server whose limits are
                     raised out of the way (limits.RequestLimits with huge counts): what
                     the bounds save
@@ -166,14 +167,22 @@ def _normal_loop(target: str, stop: threading.Event, phase: Phase, lock: threadi
 
 
 def _hostile_loop(
-    target: str, stop: threading.Event, phase: Phase, lock: threading.Lock, only: str | None
+    target: str,
+    stop: threading.Event,
+    phase: Phase,
+    lock: threading.Lock,
+    only: str | None,
+    rate: float,
 ) -> None:
+    """Hostile requests in turn, back to back (`rate` 0) or started `rate` times a second."""
     requests = hostile_requests()
     kinds = [k for k in requests if only is None or k == only]
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as channel:
         calls = {GENERATE: channel.unary_stream(GENERATE), CHAT: channel.unary_stream(CHAT)}
-        i = 0
+        i, start = 0, time.perf_counter()
         while not stop.is_set():
+            if rate > 0 and stop.wait(max(0.0, start + i / rate - time.perf_counter())):
+                break
             kind = kinds[i % len(kinds)]
             i += 1
             method, data = requests[kind]
@@ -189,7 +198,13 @@ def _hostile_loop(
 
 
 def run_phase(
-    name: str, target: str, seconds: float, clients: int, hostile: bool, only: str | None = None
+    name: str,
+    target: str,
+    seconds: float,
+    clients: int,
+    hostile: bool,
+    only: str | None = None,
+    rate: float = 0.0,
 ) -> Phase:
     phase, lock, stop = Phase(name), threading.Lock(), threading.Event()
     threads = [
@@ -198,7 +213,7 @@ def run_phase(
     ]
     if hostile:
         threads.append(
-            threading.Thread(target=_hostile_loop, args=(target, stop, phase, lock, only))
+            threading.Thread(target=_hostile_loop, args=(target, stop, phase, lock, only, rate))
         )
     for t in threads:
         t.start()
@@ -245,6 +260,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--hostile-rate",
+        type=float,
+        default=0.0,
+        help="hostile requests a second (0: back to back)",
+    )
     parser.add_argument("--normal-clients", type=int, default=4)
     parser.add_argument("--json", default=None, help="write the results here too")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -265,7 +286,12 @@ def main() -> None:
         for r in range(args.rounds):
             for name, hostile in (("baseline", False), ("hostile", True)):
                 phase = run_phase(
-                    f"{name} {r + 1}", server.target, args.seconds, args.normal_clients, hostile
+                    f"{name} {r + 1}",
+                    server.target,
+                    args.seconds,
+                    args.normal_clients,
+                    hostile,
+                    rate=args.hostile_rate,
                 )
                 results.append(summary(phase))
                 print(json.dumps(results[-1]), flush=True)
@@ -303,6 +329,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "seconds_a_phase": args.seconds,
         "rounds": args.rounds,
+        "hostile_rate": args.hostile_rate or "back to back",
         "normal_clients": args.normal_clients,
     }
     print(json.dumps(meta))

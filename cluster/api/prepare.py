@@ -22,7 +22,12 @@ from typing import Any
 from tandem.cluster.api import limits as input_limits
 from tandem.cluster.api.backend import InvalidRequestError, ModelCard
 from tandem.cluster.api.limits import DEFAULT_LIMITS, RequestLimits
-from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.engine.sampling_params import (
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    SamplingParamsError,
+)
 from tandem.workers.text.harmony import (
     REASONING_EFFORTS,
     Conversation,
@@ -77,6 +82,15 @@ def sampling_params(
     unknown = sorted(set(given) - set(SAMPLING_FIELDS))
     if unknown:
         raise ValueError(f"not sampling parameters: {unknown}")  # a caller's bug
+    # Counted before a tuple of them is built: 100,000 stop strings are 300 KB of request.
+    for name, values, limit in (
+        ("stop", stop, MAX_STOP_STRINGS),
+        ("stop_token_ids", stop_token_ids, MAX_STOP_TOKEN_IDS),
+    ):
+        if len(values) > limit:
+            raise SamplingParamsError(
+                name, len(values), f"{name} must hold at most {limit} entries, got {len(values)}"
+            )
     params = SamplingParams(stop=tuple(stop), stop_token_ids=tuple(stop_token_ids), **given)
     if extra_stop_token_ids:
         ids = params.stop_token_ids + tuple(

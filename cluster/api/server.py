@@ -221,8 +221,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         async def body() -> None:
             tokenizer = self.backend.tokenizer
             conv = convert.conversation(request, self._text_limit, self.config.limits)
-            prompt = await asyncio.to_thread(render_conversation, conv, tokenizer)
+            # Parameters before rendering: a refused request costs no render.
             params = convert.chat_sampling_params(request.params, tokenizer)
+            prompt = await asyncio.to_thread(render_conversation, conv, tokenizer)
             gen = self._request(request.request_id, prompt, params, context)
             splitter = convert.ChatStreamSplitter(tokenizer)
             await self._stream(gen, splitter.chunk, context)
