@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from tandem.workers.expert_parallel.engine import (
     build_engine,
 )
 from tandem.workers.expert_parallel.step_messages import StepInputs
+from tandem.workers.synthetic.checkpoint_writer import tiny_config, write_random_checkpoint
 
 ENGINE = EngineConfig(device="cpu", kv_cache_tokens=1024, max_num_batched_tokens=32,
                       max_num_seqs=8)
@@ -182,3 +184,31 @@ def test_prefix_hits_preemption_and_abort_as_in_one_process(tiny_model_dir):
         assert _scenario(engine) == expected
     finally:
         engine.runner.close()
+
+
+@pytest.mark.parametrize(
+    ("experts", "top_k", "ranks", "placement", "dispatch", "tokens"),
+    [(5, 2, 2, "contiguous", "replicated", 64), (8, 3, 4, "round_robin", "all_to_all", 16)],
+)
+def test_random_checkpoints_odd_splits(tiny_model_dir, tmp_path, experts, top_k, ranks,
+                                       placement, dispatch, tokens):
+    """Random checkpoints of odd expert counts (uneven splits), the 16-token window shorter
+    than the 40-token prompt; the tiny model's tokenizer for detokenizing."""
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    config = tiny_config(num_local_experts=experts, num_experts_per_tok=top_k,
+                         vocab_size=vocab)
+    model_dir = write_random_checkpoint(tmp_path / "ckpt", config, seed=experts)
+    shutil.copy(tiny_model_dir / "tokenizer.json", model_dir / "tokenizer.json")
+    prompts, params = [list(range(3, 43))], _greedy(tokens)
+    [expected] = LLMEngine.from_model_dir(model_dir, ENGINE).generate(prompts, params)
+    ep = ExpertParallelConfig(size=ranks, placement=placement, dispatch=dispatch,
+                              timeout_s=60)
+    engine = build_engine(model_dir, ENGINE, ep)
+    try:
+        [got] = engine.generate(prompts, params)
+    finally:
+        engine.runner.close()
+    assert got.token_ids == expected.token_ids and len(got.token_ids) == tokens
+    for a, b in zip(got.logprobs, expected.logprobs, strict=True):
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
