@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import gzip
 import importlib.resources
-import os
 from pathlib import Path
 
 import tokenizers
@@ -26,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tandem.workers.synthetic.tokenizer_training import O200K_SPLIT_PATTERN
 
 TIKTOKEN_FILE = "o200k_base.tiktoken"
+# openai-harmony reads the vocabulary from this directory (it would download it otherwise).
 ENCODINGS_BASE_VAR = "TIKTOKEN_ENCODINGS_BASE"
 # o200k_harmony's named specials (GPT_OSS.md section 4); the gaps up to 200018 are
 # <|reserved_N|>, and gpt-oss's tokenizer.json ends at 200018 (200,019 tokens).
@@ -125,8 +125,3 @@ def build_o200k_fixture(directory: Path) -> tuple[Path, Path]:
     tok_dir.mkdir(parents=True, exist_ok=True)
     gpt_oss_tokenizer(load_ranks(encodings / TIKTOKEN_FILE)).save(str(tok_dir / "tokenizer.json"))
     return encodings, tok_dir
-
-
-def point_harmony_at(encodings: Path) -> None:
-    """Make openai-harmony read the local vocabulary (it would download it otherwise)."""
-    os.environ[ENCODINGS_BASE_VAR] = str(encodings)
