@@ -435,3 +435,57 @@ def test_concurrent_health_checks_share_one_engine_check(engine, loop_thread):
     statuses, calls = loop_thread.run(run())
     assert len(statuses) == 21 and all(s.serving for s in statuses)
     assert calls == 2  # one for the 20 concurrent checks, one for the later check
+
+
+# ------------------------------------------------------- the real `tandem serve`
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tandem_serve_with_tls_owns_its_port(pki):
+    """The cluster as users start it: Ray Serve's Ingress replica binds the port with TLS,
+    exclusively; a second `tandem serve` on it is refused in one line; plaintext and
+    wrong-CA clients are refused; the standard health service answers over TLS."""
+    from tests.support.serve_process import serve_process
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_REDIS_URL", "TANDEM_API_KEY")}
+    tandem = [sys.executable, "-m", "tandem.cluster.cli"]
+    tls = ["--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"])]
+    with serve_process([*tandem, "serve", "--grpc-port", str(port), *tls], env) as server:
+        server.wait_ready(300)
+        target = f"127.0.0.1:{port}"
+        ca = pki["ca"].read_bytes()
+        with TandemClient(target, root_certificates=ca) as c:
+            assert c.health(timeout=30).status == pb.HealthResponse.SERVING
+            assert list(c.generate("hi", max_tokens=2, timeout=60))[-1].usage.completion_tokens == 2
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        with grpc.secure_channel(target, credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", SERVICE):
+                request = health_pb2.HealthCheckRequest(service=service)
+                assert stub.Check(request, timeout=30).status == SERVING
+        for kwargs in ({}, {"root_certificates": pki["other_ca"].read_bytes()}):
+            with TandemClient(target, **kwargs) as c:
+                with pytest.raises(grpc.RpcError) as info:
+                    c.health(timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        second = subprocess.run(
+            [*tandem, "serve", "--grpc-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert second.returncode != 0
+        assert any(
+            line.startswith("tandem serve:") and f"port {port} " in line
+            for line in second.stderr.splitlines()
+        ), second.stderr
+        assert server.stop() == 0, server.tail()
