@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -212,3 +214,28 @@ def test_random_checkpoints_odd_splits(tiny_model_dir, tmp_path, experts, top_k,
     for a, b in zip(got.logprobs, expected.logprobs, strict=True):
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
         assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
+
+
+def test_idle_past_the_timeout_then_a_hung_follower(tiny_model_dir, reference):
+    """Heartbeats keep an idle worker alive past the group timeout; a follower that stops
+    answering (SIGSTOP, not dead) fails the next step at the timeout instead of hanging."""
+    ep = ExpertParallelConfig(size=2, timeout_s=5)
+    engine = build_engine(tiny_model_dir, ENGINE, ep)
+    followers = engine.runner.followers
+    follower = followers.processes[0]
+    try:
+        # Four heartbeats at timeout / 3 apart: idle for longer than the timeout.
+        assert followers.wait_heartbeats(4, timeout_s=120)
+        [got] = engine.generate([PROMPTS[1]], _greedy(4))
+        assert got.token_ids == reference[1].token_ids[:4]
+        os.kill(follower.pid, signal.SIGSTOP)
+        with pytest.raises(ExpertParallelFailure):
+            engine.generate([PROMPTS[1]], _greedy(4))
+        # The worker took the stopped rank down with it.
+        assert follower.poll() is not None
+        with pytest.raises(ExpertParallelFailure):
+            engine.runner.check_alive()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        engine.runner.close()

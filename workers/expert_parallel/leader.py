@@ -54,6 +54,8 @@ class FollowerSet:
         self._last_send = time.monotonic()
         self._closed = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._beats = 0
+        self._beat_done = threading.Condition()
 
     # ------------------------------------------------------------------ start
 
@@ -196,11 +198,19 @@ class FollowerSet:
                 self.check_alive()
                 dist.broadcast(header_tensor([Command.HEARTBEAT], self.device), src=0)
                 self._last_send = time.monotonic()
+                with self._beat_done:
+                    self._beats += 1
+                    self._beat_done.notify_all()
             except Exception as err:  # noted here, raised by the next step / health check
                 self._fail(f"heartbeat failed: {err}")
                 return
             finally:
                 self._lock.release()
+
+    def wait_heartbeats(self, count: int, timeout_s: float) -> bool:
+        """Block until `count` heartbeats went out (diagnostics and tests); False on timeout."""
+        with self._beat_done:
+            return self._beat_done.wait_for(lambda: self._beats >= count, timeout_s)
 
     # ------------------------------------------------------------------ stop
 
