@@ -15,6 +15,7 @@ import datetime
 import io
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -165,6 +166,7 @@ def test_reflection_lists_the_services_and_describes_ours(server):
 
 
 def test_second_server_on_a_taken_port_is_refused(engine, server, loop_thread):
+    assert_no_port_sharing(server.port)
     with pytest.raises(PortInUse, match=f"port {server.port} "):
         loop_thread.run(
             TandemServer.start(engine[0], ServerConfig(host="127.0.0.1", port=server.port))
@@ -441,11 +443,18 @@ def test_concurrent_health_checks_share_one_engine_check(engine, loop_thread):
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_no_port_sharing(port: int) -> None:
+    """A socket asking to share the port (SO_REUSEPORT, as grpc's default does) cannot
+    bind it: the listener holding it did not opt in to sharing."""
+    with socket.socket() as intruder:
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError):
+            intruder.bind(("127.0.0.1", port))
 
 
 def test_tandem_serve_with_tls_owns_its_port(pki):
@@ -476,6 +485,7 @@ def test_tandem_serve_with_tls_owns_its_port(pki):
                 with pytest.raises(grpc.RpcError) as info:
                     c.health(timeout=10)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert_no_port_sharing(port)
         second = subprocess.run(
             [*tandem, "serve", "--grpc-port", str(port)],
             capture_output=True,
