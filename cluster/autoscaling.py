@@ -18,8 +18,17 @@ The decision, each control tick:
                (replicas' worth of load; only running replicas report, so a replica
                still starting adds no capacity until it is ready and reporting)
     up       when demand > n * (1 + tolerance): to ceil(demand)
-    down     when demand < (n - 1) * (1 - tolerance): by one replica
+             or when a latency in `slo` averages over its target * (1 + tolerance)
+             across the replicas: one replica more
+    down     when demand < (n - 1) * (1 - tolerance) and no latency is over its
+             target: by one replica
     else     stay at n, the current target
+
+The latency vote matters under admission control (tandem.cluster.admission): the
+ingress then refuses the excess instead of queueing it, so queues stay short however
+high the demand, and only the time to first token, held near the admission bound, shows
+that the pool is saturated. Latency only ever votes up: it is not proportional to the
+replica count, and scaling down on it would flap.
 
 Serve then applies the deployment's own `upscale_delay_s` / `downscale_delay_s` (a wish
 must hold that long before the target moves) and min/max replicas, as it does for every
@@ -39,28 +48,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The figures a worker replica reports, and the only names a policy may target.
-REPORTED_METRICS = ("queued_prompt_tokens", "waiting", "running", "kv_usage")
+# The figures a worker replica reports: load (summed over replicas for `targets`) and
+# its recent time from arrival to first token (90th percentile, for `slo`).
+LOAD_METRICS = ("queued_prompt_tokens", "waiting", "running", "kv_usage")
+LATENCY_METRICS = ("ttft_s",)
+REPORTED_METRICS = LOAD_METRICS + LATENCY_METRICS
 
 
 class PoolAutoscaler:
     """A Serve autoscaling policy (class form: built once with the config's
     `policy_kwargs`, then called every control tick with an AutoscalingContext)."""
 
-    def __init__(self, targets: dict[str, float], tolerance: float = 0.1) -> None:
+    def __init__(
+        self,
+        targets: dict[str, float],
+        slo: dict[str, float] | None = None,
+        tolerance: float = 0.1,
+    ) -> None:
         if not targets:
             raise ValueError("autoscaling policy_kwargs.targets: name at least one metric")
-        for name, value in targets.items():
-            if name not in REPORTED_METRICS:
-                raise ValueError(
-                    f"autoscaling policy_kwargs.targets.{name}: not a reported metric "
-                    f"(one of {', '.join(REPORTED_METRICS)})"
-                )
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"autoscaling policy_kwargs.targets.{name} must be > 0")
+        for field, given, allowed in (("targets", targets, LOAD_METRICS),
+                                      ("slo", slo or {}, LATENCY_METRICS)):
+            for name, value in given.items():
+                if name not in allowed:
+                    raise ValueError(
+                        f"autoscaling policy_kwargs.{field}.{name}: not a reported metric "
+                        f"(one of {', '.join(allowed)})"
+                    )
+                if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                    raise ValueError(f"autoscaling policy_kwargs.{field}.{name} must be > 0")
         if not 0 <= tolerance < 1:
             raise ValueError("autoscaling policy_kwargs.tolerance must be in [0, 1)")
         self.targets = dict(targets)
+        self.slo = dict(slo or {})
         self.tolerance = tolerance
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
@@ -75,13 +95,26 @@ class PoolAutoscaler:
         ]
         return max(ratios) if ratios else None
 
+    def slow(self, metrics: dict[str, dict[Any, float]]) -> bool:
+        """Whether a latency averages over its SLO (with the tolerance) across replicas."""
+        for name, target in self.slo.items():
+            values = list((metrics.get(name) or {}).values())
+            if values and sum(values) / len(values) > target * (1 + self.tolerance):
+                return True
+        return False
+
     def decide(self, current: int, metrics: dict[str, dict[Any, float]]) -> int:
         """The replica count this load asks for, starting from the current target."""
         demand = self.demand(metrics)
-        if demand is None:
-            return current
-        if demand > current * (1 + self.tolerance):
+        slow = self.slow(metrics)
+        if demand is not None and demand > current * (1 + self.tolerance):
             return max(current + 1, math.ceil(demand))
-        if current > 1 and demand < (current - 1) * (1 - self.tolerance):
+        if slow:
+            return current + 1
+        if (
+            demand is not None
+            and current > 1
+            and demand < (current - 1) * (1 - self.tolerance)
+        ):
             return current - 1
         return current

@@ -27,12 +27,13 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ray.exceptions import RayActorError, RayError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from tandem.cluster.admission import AdmissionConfig, AdmissionControl, Overloaded
 from tandem.cluster.api.backend import (
     BackendUnavailable,
     GenerationBackend,
@@ -74,6 +75,8 @@ class ClusterBackendConfig:
     # How often the registry is re-read into the load view.
     health_timeout_s: float = 5.0
     # How long a health check waits for a decode engine's answer.
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    # The bound on the estimated wait for a first token (tandem.cluster.admission).
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests < 1:
@@ -132,6 +135,7 @@ class ClusterBackend(GenerationBackend):
         self._metrics = metrics
         self._workers: list[WorkerInfo] = []
         self._waiting = 0
+        self.admission = AdmissionControl(config.admission)
         self._running: set[str] = set()
         self._poller: asyncio.Task | None = None
         self._closed = False
@@ -175,6 +179,7 @@ class ClusterBackend(GenerationBackend):
                 max_waiting_requests=settings.max_waiting_requests,
                 registry_poll_s=cp.registry_poll_s,
                 health_timeout_s=settings.health_timeout_s,
+                admission=AdmissionConfig(max_start_delay_s=settings.max_start_delay_s),
             ),
             metrics=metrics,
         )
@@ -287,6 +292,12 @@ class ClusterBackend(GenerationBackend):
                 f"{self._waiting} requests are waiting for their first token "
                 f"(max_waiting_requests={self.config.max_waiting_requests})"
             )
+        try:
+            self.admission.admit(len(request.prompt_token_ids))
+        except Overloaded as err:
+            if self._metrics is not None:
+                self._metrics.request_done("rejected")
+            raise QueueFull(str(err), retry_after_s=err.retry_after_s) from None
 
     def _report_waiting(self) -> None:
         if self._metrics is not None:
@@ -342,6 +353,7 @@ class _Tracked:
         self._in_flight = backend.placement.in_flight
         # (replica, tokens) that computes the prompt, as placement expects it.
         self._computes = backend.placement.computes(placement, prompt_tokens)
+        self._prompt_tokens = prompt_tokens
 
     def __enter__(self) -> _Tracked:
         b, p = self._backend, self._placement
@@ -350,6 +362,7 @@ class _Tracked:
                 computes = self._computes is not None and self._computes[0] == replica
                 self._in_flight.start(replica, self._computes[1] if computes else 0)
         b._waiting += 1
+        b.admission.started(self._prompt_tokens)
         b._running.add(self._request_id)
         b._report_waiting()
         return self
@@ -360,6 +373,7 @@ class _Tracked:
         now = time.monotonic()
         if self._last_token_at is None:
             self._first_token_arrived()
+            self._backend.admission.first_token(self._prompt_tokens, now - self._started)
             if self._metrics is not None:
                 self._metrics.first_token(now - self._started)
         elif self._metrics is not None:
@@ -388,6 +402,7 @@ class _Tracked:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if self._last_token_at is None:
             self._first_token_arrived()
+            self._backend.admission.abandoned(self._prompt_tokens)
         b = self._backend
         if self._placement.decode is not None:
             self._in_flight.finish(self._placement.decode)

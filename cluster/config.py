@@ -135,6 +135,9 @@ class ControlPlaneArgs(_Strict):
 class IngressArgs(_Strict):
     max_waiting_requests: int = Field(default=256, ge=1)
     health_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    # Admission: the longest estimated wait for a first token a request is admitted
+    # with (tandem.cluster.admission); longer ones get RESOURCE_EXHAUSTED at once.
+    max_start_delay_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
 
 
 class TandemArgs(_Strict):
@@ -237,6 +240,8 @@ class TandemSettings:
     # Requests an Ingress replica admits before answering RESOURCE_EXHAUSTED.
     health_timeout_s: float
     # How long a health check may wait for an engine loop.
+    max_start_delay_s: float = 2.0
+    # Admission bound on the estimated wait for a first token (tandem.cluster.admission).
 
     def __post_init__(self) -> None:
         # The prompt's KV blocks move between the two pools as they are: same block size,
@@ -288,6 +293,7 @@ class TandemSettings:
             control_plane=ControlPlaneSettings(**args.control_plane.model_dump()),
             max_waiting_requests=args.ingress.max_waiting_requests,
             health_timeout_s=args.ingress.health_timeout_s,
+            max_start_delay_s=args.ingress.max_start_delay_s,
         )
 
     @classmethod

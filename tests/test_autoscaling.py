@@ -42,6 +42,23 @@ def test_up_to_the_demand_down_one_step_and_never_flapping():
     assert policy.decide(1, _metrics(queued_prompt_tokens=[0])) == 1  # never below one
 
 
+def test_a_latency_over_its_slo_votes_up_never_down():
+    policy = PoolAutoscaler(PREFILL, slo={"ttft_s": 0.5}, tolerance=0.1)
+    short_queues = _metrics(queued_prompt_tokens=[20, 10], waiting=[0, 0])
+    slow = {**short_queues, "ttft_s": {"r0": 0.7, "r1": 0.5}}  # mean 0.6 > 0.55
+    assert policy.decide(2, slow) == 3
+    at_slo = {**short_queues, "ttft_s": {"r0": 0.5, "r1": 0.55}}  # within tolerance
+    assert policy.decide(2, at_slo) == 1  # light load: down, latency is fine
+    fast = {**short_queues, "ttft_s": {"r0": 0.01, "r1": 0.01}}
+    assert policy.decide(2, fast) == 1
+    # a slow pool is never scaled down, whatever its queues say
+    assert policy.decide(2, {**_metrics(queued_prompt_tokens=[0, 0]), "ttft_s": {"r0": 2.0}}) == 3
+    with pytest.raises(ValueError, match="slo.running: not a reported metric"):
+        PoolAutoscaler(PREFILL, slo={"running": 3})
+    with pytest.raises(ValueError, match="targets.ttft_s: not a reported metric"):
+        PoolAutoscaler({"ttft_s": 1.0})
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="targets.tokens: not a reported metric"):
         PoolAutoscaler({"tokens": 1})

@@ -42,7 +42,12 @@ class InvalidRequestError(ValueError):
 
 
 class QueueFull(RuntimeError):
-    """The backend admits no more requests for now; the client may retry later."""
+    """The backend admits no more requests for now; the client may retry later, after
+    `retry_after_s` seconds where the backend can tell (admission control's estimate)."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BackendUnavailable(RuntimeError):

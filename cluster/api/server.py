@@ -303,7 +303,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
                 trailing_metadata=((FIELD_METADATA_KEY, err.field),),
             )
         except QueueFull as err:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            retry = () if err.retry_after_s is None else (("retry-after", str(err.retry_after_s)),)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err),
+                                trailing_metadata=retry)
         except BackendUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except DeadlineExceeded:

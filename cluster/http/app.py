@@ -438,7 +438,8 @@ def error_for(err: BaseException, retry_after_s: int = 1) -> ApiError:
             f"overloaded: {err}",
             "rate_limit_error",
             code="rate_limit_exceeded",
-            headers={"Retry-After": str(retry_after_s)},
+            # admission control's estimate where it made one, else the configured value
+            headers={"Retry-After": str(err.retry_after_s or retry_after_s)},
         )
     if isinstance(err, BackendUnavailable):
         return ApiError(503, f"unavailable: {err}", "server_error", code="unavailable")

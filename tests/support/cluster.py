@@ -66,9 +66,11 @@ def app_args(
     disagg: Mapping[str, Any] | None = None,
     control_plane: Mapping[str, Any] | None = None,
     model_id: str = "tiny",
+    ingress_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The application `args` (cluster/config.py TandemArgs) of a test cluster."""
     return {
+        **({"ingress": dict(ingress_args)} if ingress_args else {}),
         "cluster_name": cluster_name,
         "model": str(model_dir),
         "model_id": model_id,
@@ -157,10 +159,14 @@ def serve_cluster(
     control_plane: Mapping[str, Any] | None = None,
     http_port: int | None = None,
     model_id: str = "tiny",
+    autoscaling: Mapping[str, Mapping[str, Any]] | None = None,
+    ingress_args: Mapping[str, Any] | None = None,
 ) -> Iterator[RunningCluster]:
     """Start Redis, Ray and the app; yields once every worker is in the registry and
-    every Ingress replica runs. With `http_port`, Serve's HTTP proxy serves the app's
-    OpenAI-compatible API there (on 127.0.0.1, routed at "/")."""
+    every Ingress replica runs. `autoscaling` maps a deployment name to its Serve
+    autoscaling_config (its pool then starts at min_replicas, which the counts given
+    must equal; Ray gets CPUs for max_replicas). With `http_port`, Serve's HTTP proxy
+    serves the app's OpenAI-compatible API there (on 127.0.0.1, routed at "/")."""
     with LocalRedis() as redis_server:
         port = free_port()
         args = app_args(
@@ -172,13 +178,17 @@ def serve_cluster(
             placement=placement,
             disagg=disagg,
             control_plane=control_plane,
+            ingress_args=ingress_args,
             model_id=model_id,
         )
 
         def deployment(name: str, replicas: int) -> dict[str, Any]:
+            count: dict[str, Any] = {"num_replicas": replicas}
+            if autoscaling and name in autoscaling:  # replicas then start at min_replicas
+                count = {"autoscaling_config": dict(autoscaling[name])}
             return {
                 "name": name,
-                "num_replicas": replicas,
+                **count,
                 "ray_actor_options": {"num_cpus": 1},
                 "graceful_shutdown_timeout_s": 5,
                 # A killed replica is noticed (and replaced) within seconds.
@@ -207,6 +217,8 @@ def serve_cluster(
         )
         # Logical CPUs: room for every replica (one each) and a few extra Ingress apps.
         replicas = prefill + decode + ingress
+        for scaled in (autoscaling or {}).values():
+            replicas += scaled["max_replicas"] - scaled["min_replicas"]
         ray.init(num_cpus=replicas + 4, include_dashboard=False, log_to_driver=False)
         registry = WorkerRegistry(redis_server.url, cluster=cluster_name)
         try:

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,12 +176,41 @@ def _object(text: str, what: str) -> dict:
 # -------------------------------------------------------------------------- workers
 
 
+
+class RecentLatency:
+    """Latencies of the last `window_s` seconds; their 90th percentile (0 with none) is
+    what a worker reports to its pool's autoscaler as `ttft_s`."""
+
+    def __init__(
+        self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, seconds: float) -> None:
+        self._samples.append((self._clock(), seconds))
+        self._prune()
+
+    def p90(self) -> float:
+        self._prune()
+        values = sorted(v for _, v in self._samples)
+        return values[int(0.9 * (len(values) - 1))] if values else 0.0
+
+    def _prune(self) -> None:
+        horizon = self._clock() - self.window_s
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+
+
 class _Worker:
     """What both roles share: the engine, its KV layout, load and block events."""
 
     def __init__(self, engine: AsyncLLMEngine, replica_id: str, model_id: str) -> None:
         self.engine = engine
         self.replica_id = replica_id
+        # arrival here to the first token, for the autoscaler's latency signal
+        self.start_latency = RecentLatency()
         core = engine.engine
         self.layout = KVLayout.from_config(
             core.config, model=model_id, dtype=core.dtype, block_size=core.engine_config.block_size
@@ -194,7 +224,7 @@ class _Worker:
         return await self.engine.check_health()
 
     def metrics(self) -> dict[str, float]:
-        return self.engine.metrics()
+        return {**self.engine.metrics(), "ttft_s": self.start_latency.p90()}
 
     def load(self) -> WorkerLoad:
         m = self.engine.metrics()
@@ -257,6 +287,7 @@ class PrefillWorker(_Worker):
         async for out in self.engine.stream(request_id):
             last = out
         assert last is not None and last.token_ids, "a prefill ends with its first token"
+        self.start_latency.add(time.monotonic() - started)
         return json.dumps(
             {
                 "first_token": last.token_ids[0],
@@ -314,6 +345,7 @@ class DecodeWorker(_Worker):
         pinned to the prefill replica `prefill_replica`) the prompt's uncached part is
         computed there unless it is short; without, it is computed here."""
         msg = GenerateMessage.from_json(request_json)
+        started = time.monotonic()
         served = ServedInfo(decode_replica=self.replica_id)
         slot = None
         if prefill is not None:
@@ -330,7 +362,11 @@ class DecodeWorker(_Worker):
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
         else:
             served = await self._remote_prefill(msg, slot, prefill, prefill_replica)
+        first = True
         async for out in self.engine.stream(msg.request_id):
+            if first and out.token_ids:
+                first = False
+                self.start_latency.add(time.monotonic() - started)
             yield encode_delta(out, served if out.finished else None)
 
     async def _remote_prefill(self, msg, slot, prefill: Prefill, prefill_replica: str):
