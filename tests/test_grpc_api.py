@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -29,18 +29,13 @@ import pytest
 from tandem.cluster import client_cli
 from tandem.cluster.api import convert
 from tandem.cluster.api.backend import (
-    GenerationBackend,
-    GenerationDelta,
-    GenerationRequest,
     HealthStatus,
     InProcessBackend,
-    ModelCard,
 )
 from tandem.cluster.api.gen import tandem_pb2 as pb
 from tandem.cluster.client import TandemClient
 from tandem.workers.engine.async_engine import AsyncLLMEngine
 from tandem.workers.engine.llm_engine import LLMEngine
-from tandem.workers.engine.outputs import RequestOutput, Timings, Usage
 from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.synthetic.tiny_model import default_model_dir
 from tandem.workers.text.harmony import (
@@ -55,6 +50,7 @@ from tests.support.api_server import (
     EventLoopThread,
     new_backend,
 )
+from tests.support.replay_backend import ReplayBackend, harmony_ids
 
 API_KEY = "test-key-0123456789"
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -638,59 +634,8 @@ def test_chat_invalid_requests(client):
     assert dict(err.trailing_metadata())["tandem-field"] == "tools[0].parameters_json"
 
 
-class ReplayBackend(GenerationBackend):
-    """TEST DOUBLE (parser-level check only): replays a fixed token stream, three tokens
-    per delta, instead of running a model, and records the request it was given."""
-
-    def __init__(self, tokenizer, token_ids: list[int], finish_reason: str = "stop") -> None:
-        self._tokenizer = tokenizer
-        self._ids = token_ids
-        self._finish = finish_reason
-        self.requests: list[GenerationRequest] = []
-
-    @property
-    def models(self) -> tuple[ModelCard, ...]:
-        return (ModelCard("replay", MAX_MODEL_LEN, self._tokenizer.vocab_size),)
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationDelta, None]:
-        self.requests.append(request)
-        n = len(request.prompt_token_ids)
-        for start in range(0, len(self._ids), 3):
-            piece = tuple(self._ids[start : start + 3])
-            done = start + 3 >= len(self._ids)
-            yield GenerationDelta(
-                RequestOutput(
-                    request_id=request.request_id,
-                    token_ids=piece,
-                    text_delta="",
-                    finished=done,
-                    finish_reason=self._finish if done else None,
-                    usage=Usage(n, 0, start + len(piece)),
-                    timings=Timings(0.001, 0.002, 0.003, 0.0005) if done else None,
-                )
-            )
-
-    async def check_health(self) -> HealthStatus:
-        return HealthStatus(True)
-
-
-def _harmony_ids(tok, pieces: list[str]) -> list[int]:
-    """Pieces are either a special token's text ("<|end|>") or plain text."""
-    ids: list[int] = []
-    for piece in pieces:
-        if piece.startswith("<|") and piece.endswith("|>"):
-            ids.append(tok.special_id(piece))
-        else:
-            ids.extend(tok.encode(piece))
-    return ids
-
-
 def _replay_chat(loop_thread, tok, pieces, **chat_kwargs):
-    backend = ReplayBackend(tok, _harmony_ids(tok, pieces))
+    backend = ReplayBackend(tok, harmony_ids(tok, pieces), max_model_len=MAX_MODEL_LEN)
     server = loop_thread.start_server(backend)
     try:
         with TandemClient(server.target) as c:
@@ -802,7 +747,9 @@ def test_cli_chat_prints_reasoning_and_answer_apart(reference, loop_thread):
         *("<|channel|>", "analysis", "<|message|>", "Think.", "<|end|>", "<|start|>"),
         *("assistant", "<|channel|>", "final", "<|message|>", "Done.", "<|return|>"),
     ]
-    server = loop_thread.start_server(ReplayBackend(tok, _harmony_ids(tok, pieces)))
+    server = loop_thread.start_server(
+        ReplayBackend(tok, harmony_ids(tok, pieces), max_model_len=MAX_MODEL_LEN)
+    )
     try:
         rc, out = _cli(server.target, "--chat", "hello")
     finally:

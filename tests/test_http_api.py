@@ -43,6 +43,7 @@ from tandem.workers.synthetic.tiny_model import TINY_MODEL_VERSION
 from tandem.workers.text.harmony import Conversation, Message, render_conversation
 from tests.support.api_server import EventLoopThread, new_backend
 from tests.support.cluster import free_port, serve_cluster, wait_for
+from tests.support.replay_backend import ReplayBackend, harmony_ids
 
 REPO = Path(__file__).resolve().parents[1]
 # The embedded model's id as `tandem serve` names it (the README's curl example uses it).
@@ -206,18 +207,12 @@ def _extra(kwargs: dict) -> dict:
 
 
 def test_chat_forced_tool_call_plain_and_streamed(client):
+    """tool_choice naming a function: the turn is that call, on the real model (greedy,
+    so streamed and plain agree); its exact shapes are pinned on replayed tokens below."""
     choice = {"type": "function", "function": {"name": "get_weather"}}
     kwargs = dict(messages=USER, tools=TOOLS, tool_choice=choice, max_tokens=24, **GREEDY)
     plain = _chat(client, **kwargs)
-    message = plain.choices[0].message
-    args_plain = ""
-    if plain.choices[0].finish_reason == "tool_calls":
-        (call,) = message.tool_calls
-        assert call.type == "function" and call.function.name == "get_weather"
-        assert call.id.startswith("call_")
-        args_plain = call.function.arguments
-    else:  # random weights: the arguments may run past max_tokens
-        assert plain.choices[0].finish_reason == "length"
+    (call,) = plain.choices[0].message.tool_calls or [None]
     chunks = [
         strict(ChatCompletionChunk, c)
         for c in client.chat.completions.create(model=MODEL, stream=True, **kwargs)
@@ -228,9 +223,12 @@ def test_chat_forced_tool_call_plain_and_streamed(client):
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
     assert all(d.id is None and d.function.name is None for d in deltas[1:])
     streamed_args = "".join(d.function.arguments or "" for d in deltas)
-    if args_plain:
-        assert streamed_args == args_plain
-        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    finish = chunks[-1].choices[0].finish_reason
+    assert finish == plain.choices[0].finish_reason
+    # Random weights may run the arguments past max_tokens ("length", the call as far
+    # as it got, as OpenAI reports a cut-short call).
+    assert finish in ("tool_calls", "length")
+    assert call.function.name == "get_weather" and call.function.arguments == streamed_args
 
 
 def test_chat_tools_reach_the_prompt_and_reasoning_comes_back(client):
@@ -514,7 +512,8 @@ def test_client_disconnect_aborts_on_every_worker(cluster):
 
 def _readme_blocks(language: str) -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("### The OpenAI-compatible HTTP API", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### The OpenAI-compatible HTTP API\n", 1)[1]
+    section = re.split(r"\n#{2,3} ", section, maxsplit=1)[0]
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
@@ -639,3 +638,181 @@ def test_stream_disconnect_frees_kv_in_process(faulty):
     stream.close()
     wait_for(lambda: llm.metrics()["kv_usage"] == 0.0, 5, "the KV blocks to be freed")
     assert llm.metrics()["running"] == 0 and llm.metrics()["waiting"] == 0
+
+
+# ------------------------------------------- output shapes, on replayed harmony tokens
+
+REASONING = "Let me think: 2 + 2 = 4."
+ANSWER_PIECES = [
+    *("<|channel|>", "analysis", "<|message|>", REASONING, "<|end|>"),
+    *("<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "It is 4. ✓"),
+    "<|return|>",
+]
+CALL_ARGS = '{"city": "Paris"}'
+CALL_PIECES = [
+    *("<|channel|>", "analysis", "<|message|>", "Need the weather.", "<|end|>"),
+    *("<|start|>", "assistant", "<|channel|>", "commentary", " to=functions.get_weather"),
+    *(" ", "<|constrain|>", "json", "<|message|>", CALL_ARGS, "<|call|>"),
+]
+
+
+@pytest.fixture()
+def replay(reference):
+    """Serve a ReplayBackend (TEST DOUBLE: the output side only) over uvicorn."""
+    loop_thread = EventLoopThread()
+    servers = []
+
+    def start(pieces: list[str], finish: str = "stop"):
+        tok = reference.tokenizer
+        backend = ReplayBackend(tok, harmony_ids(tok, pieces), finish, model_id=MODEL)
+        server = HttpServer(loop_thread, backend, HttpConfig())
+        servers.append(server)
+        client = openai.OpenAI(base_url=server.base, api_key="none", max_retries=0)
+        return client, backend
+
+    yield start
+    for server in servers:
+        server.stop()
+    loop_thread.close()
+
+
+def test_replayed_chat_splits_reasoning_from_the_answer(replay):
+    client, backend = replay(ANSWER_PIECES)
+    done = _chat(client, messages=USER, max_tokens=64)
+    message = done.choices[0].message
+    assert message.to_dict()["reasoning"] == REASONING
+    assert message.content == "It is 4. ✓" and message.tool_calls is None
+    assert done.choices[0].finish_reason == "stop"
+    chunks = [
+        strict(ChatCompletionChunk, c)
+        for c in client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=64, stream=True
+        )
+    ]
+    deltas = [c.choices[0].delta.to_dict() for c in chunks if c.choices]
+    assert "".join(d.get("reasoning", "") for d in deltas) == REASONING
+    assert "".join(d.get("content") or "" for d in deltas) == "It is 4. ✓"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # The request the backend ran: a chat turn stops on <|return|> and <|call|> only.
+    tok = backend.tokenizer
+    stops = set(backend.requests[0].params.stop_token_ids)
+    assert {tok.special.return_, tok.special.call} <= stops and tok.special.end not in stops
+
+
+def test_replayed_chat_tool_call_plain_and_streamed(replay):
+    client, _ = replay(CALL_PIECES)
+    done = _chat(client, messages=USER, tools=TOOLS, max_tokens=64)
+    (call,) = done.choices[0].message.tool_calls
+    assert (call.type, call.function.name, call.function.arguments) == (
+        "function",
+        "get_weather",
+        CALL_ARGS,
+    )
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert done.choices[0].message.content is None
+    chunks = [
+        strict(ChatCompletionChunk, c)
+        for c in client.chat.completions.create(
+            model=MODEL, messages=USER, tools=TOOLS, max_tokens=64, stream=True
+        )
+    ]
+    calls = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or ())]
+    first, rest = calls[0], calls[1:]
+    assert (first.index, first.type, first.function.name, first.function.arguments) == (
+        0,
+        "function",
+        "get_weather",
+        "",
+    )
+    assert first.id.startswith("call_") and rest
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    assert "".join(d.function.arguments for d in rest) == CALL_ARGS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_replayed_forced_call_prompt_ends_in_its_header(replay):
+    client, backend = replay([CALL_ARGS, "<|call|>"])
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    done = _chat(client, messages=USER, tools=TOOLS, tool_choice=choice, max_tokens=64)
+    (call,) = done.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", CALL_ARGS)
+    assert done.choices[0].finish_reason == "tool_calls"
+    tok = backend.tokenizer
+    tail = harmony_ids(
+        tok,
+        [
+            "<|start|>",
+            "assistant",
+            "<|channel|>",
+            "commentary to=functions.get_weather ",
+            "<|constrain|>",
+            "json",
+            "<|message|>",
+        ],
+    )
+    prompt = list(backend.requests[0].prompt_token_ids)
+    assert prompt[-len(tail) :] == tail
+
+
+def test_replayed_responses_items_and_events(replay):
+    client, _ = replay(CALL_PIECES)
+    plain = strict(
+        Response,
+        client.responses.with_raw_response.create(
+            model=MODEL,
+            input="Weather in Paris?",
+            tools=[TOOLS[0]["function"] | {"type": "function"}],
+            max_output_tokens=64,
+        ).http_response.json(),
+    )
+    assert [item.type for item in plain.output] == ["reasoning", "function_call"]
+    reasoning, call = plain.output
+    assert reasoning.content[0].text == "Need the weather."
+    assert (call.name, call.arguments, call.status) == ("get_weather", CALL_ARGS, "completed")
+    assert call.call_id.startswith("call_") and plain.status == "completed"
+
+    client, _ = replay(ANSWER_PIECES)
+    events = [
+        strict(ResponseStreamEvent, e)
+        for e in client.responses.create(
+            model=MODEL, input="2+2?", max_output_tokens=64, stream=True
+        )
+    ]
+    kinds = [e.type for e in events]
+    squeezed = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
+    item = [
+        "response.output_item.added",
+        "response.content_part.added",
+        "DELTA",
+        "DONE",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+
+    def expect(kind: str) -> list[str]:
+        return [
+            {"DELTA": f"response.{kind}.delta", "DONE": f"response.{kind}.done"}.get(k, k)
+            for k in item
+        ]
+
+    assert squeezed == [
+        "response.created",
+        "response.in_progress",
+        *expect("reasoning_text"),
+        *expect("output_text"),
+        "response.completed",
+    ]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == (
+        REASONING
+    )
+    final = events[-1].response
+    assert final.output_text == "It is 4. ✓"
+    assert [i.status for i in final.output if i.type == "message"] == ["completed"]
+
+
+def test_replayed_response_cut_short_is_incomplete(replay):
+    client, _ = replay(ANSWER_PIECES[:-1], finish="length")
+    done = client.responses.create(model=MODEL, input="2+2?", max_output_tokens=64)
+    assert done.status == "incomplete"
+    assert done.incomplete_details.reason == "max_output_tokens"
+    assert done.output[-1].type == "message" and done.output[-1].status == "incomplete"

@@ -249,8 +249,9 @@ class OpenAIFront:
             lambda f: chat.param_name(body, f),
         )
         deadline = self._deadline(request)
-        rid = f"chatcmpl-{prepare.request_id(body.request_id)}"
-        stream, first = await self._open(body.request_id, prompt, params, deadline)
+        engine_id = prepare.request_id(body.request_id)
+        rid = f"chatcmpl-{engine_id}"
+        stream, first = await self._open(engine_id, prompt, params, deadline)
         splitter = ChatSplitter(tok, prepared.forced.header_ids if prepared.forced else ())
         want_lp = bool(body.logprobs)
         if body.stream:
@@ -286,8 +287,9 @@ class OpenAIFront:
             lambda f: f,
         )
         deadline = self._deadline(request)
-        rid = f"cmpl-{prepare.request_id(body.request_id)}"
-        stream, first = await self._open(body.request_id, prompt, params, deadline)
+        engine_id = prepare.request_id(body.request_id)
+        rid = f"cmpl-{engine_id}"
+        stream, first = await self._open(engine_id, prompt, params, deadline)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         builder = completions.CompletionBuilder(
             rid, model, tok, body.logprobs is not None, include_usage
@@ -321,7 +323,8 @@ class OpenAIFront:
             responses.param_name,
         )
         deadline = self._deadline(request)
-        stream, first = await self._open(body.request_id, prompt, params, deadline)
+        engine_id = prepare.request_id(body.request_id)
+        stream, first = await self._open(engine_id, prompt, params, deadline)
         splitter = ChatSplitter(tok)
         builder = responses.ResponseBuilder(body, model)
         if body.stream:

@@ -234,15 +234,18 @@ class ResponseBuilder:
 
     def add(self, d: ChatDelta) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
+        # A message still open when the turn stops was cut short (max_output_tokens): the
+        # parser closes it without a terminator.
+        cut = d.finish_reason in ("length", "abort")
         for e in d.events:
             if isinstance(e, MessageStart):
                 events += self._start(e)
             elif isinstance(e, (ReasoningDelta, ContentDelta, ToolCallDelta)):
                 events += self._delta(e.arguments if isinstance(e, ToolCallDelta) else e.text)
             elif isinstance(e, MessageEnd):
-                events += self._end()
+                events += self._end(cut_short=cut and e.terminator is None)
         if d.finish_reason is not None:
-            events += self._end()
+            events += self._end(cut_short=cut)
             self.usage = d.delta.output.usage
             self.status = "incomplete" if d.finish_reason == "length" else "completed"
             kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
@@ -317,15 +320,16 @@ class ResponseBuilder:
             )
         ]
 
-    def _end(self) -> list[dict[str, Any]]:
+    def _end(self, cut_short: bool = False) -> list[dict[str, Any]]:
         if self._open is None:
             return []
         item, index, part = self._open["item"], self._open["index"], self._open["part"]
         self._open = None
         where = {"item_id": item["id"], "output_index": index}
         events = []
+        status = "incomplete" if cut_short else "completed"
         if item["type"] == "function_call":
-            item["status"] = "completed"
+            item["status"] = status
             events.append(
                 self._event(
                     "response.function_call_arguments.done",
@@ -345,6 +349,6 @@ class ResponseBuilder:
             )
             item["content"] = [part]
             if item["type"] == "message":
-                item["status"] = "completed"
+                item["status"] = status
         events.append(self._event("response.output_item.done", output_index=index, item=dict(item)))
         return events
