@@ -13,6 +13,10 @@ alternated so that drift in the machine's load falls on both alike:
     baseline        normal requests only
     hostile         plus one thread sending the hostile requests below, in turn, back to
                     back or `--hostile-rate` a second
+    cpu cost        (first) each hostile kind sent 40 times in a row on an otherwise idle
+                    server, and 40 normal requests: the server process's CPU time (user +
+                    system, from /proc) a request. Independent of other load on the machine,
+                    unlike the latencies.
     unbounded       (once, at the end) hostile again, against a server whose limits are
                     raised out of the way (limits.RequestLimits with huge counts): what
                     the bounds save
@@ -37,6 +41,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -124,6 +129,11 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r}")
         self.target = f"127.0.0.1:{int(line.split()[1])}"
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -224,6 +234,30 @@ def run_phase(
     return phase
 
 
+def cpu_cost(server: ServerProcess, repeats: int = 40) -> dict[str, dict]:
+    """Server CPU milliseconds a request, per hostile kind and for a normal request."""
+    normal = pb.GenerateRequest(
+        text="The quick brown fox jumps over the lazy dog.",
+        params=pb.SamplingParameters(max_tokens=8, temperature=0.0),
+    ).SerializeToString()
+    kinds = {"normal request (8 tokens)": (GENERATE, normal), **hostile_requests()}
+    out = {}
+    with grpc.insecure_channel(server.target) as channel:
+        for kind, (method, data) in kinds.items():
+            call = channel.unary_stream(method)
+            codes: dict[str, int] = defaultdict(int)
+            before = server.cpu_s()
+            for _ in range(repeats):
+                try:
+                    list(call(data, timeout=60))
+                    codes["OK"] += 1
+                except grpc.RpcError as err:
+                    codes[err.code().name] += 1
+            spent = server.cpu_s() - before
+            out[kind] = {"cpu_ms_a_request": round(1000 * spent / repeats, 2), "codes": dict(codes)}
+    return out
+
+
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
@@ -279,6 +313,8 @@ def main() -> None:
     server = ServerProcess(unbounded=False)
     try:
         run_phase("warm-up", server.target, 3, args.normal_clients, hostile=False)
+        costs = cpu_cost(server)
+        print(json.dumps({"cpu_cost": costs}), flush=True)
         merged = {
             "baseline": Phase("baseline, all rounds"),
             "hostile": Phase("hostile, all rounds"),
@@ -335,7 +371,7 @@ def main() -> None:
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "phases": results}, f, indent=1)
+            json.dump({"meta": meta, "cpu_cost": costs, "phases": results}, f, indent=1)
 
 
 if __name__ == "__main__":
