@@ -133,6 +133,13 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         check_one_ingress(config)
         check_port_free(settings.grpc.host, settings.grpc.port)
+        if config.http_enabled:
+            # Serve's proxy would retry a taken port forever behind a server that looks up.
+            http = config.serve.http_options
+            try:
+                check_port_free(http.host, http.port)
+            except PortInUse:
+                raise PortInUse(f"HTTP port {http.port} on {http.host} is already in use") from None
     except (ConfigError, PortInUse) as err:
         raise SystemExit(f"tandem serve: {err}") from None
 

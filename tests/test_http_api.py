@@ -17,7 +17,9 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -816,3 +818,30 @@ def test_replayed_response_cut_short_is_incomplete(replay):
     assert done.status == "incomplete"
     assert done.incomplete_details.reason == "max_output_tokens"
     assert done.output[-1].type == "message" and done.output[-1].status == "incomplete"
+
+
+def test_serve_refuses_a_taken_http_port():
+    """`tandem serve --http-port` on a port another socket holds exits at once (before
+    Ray or Redis start) with one line naming the port."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tandem.cluster.cli",
+                "serve",
+                "--grpc-port",
+                str(free_port()),
+                "--http-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("tandem serve:")]
+    assert ours == [f"tandem serve: HTTP port {taken} on 127.0.0.1 is already in use"], done.stderr
