@@ -1,6 +1,7 @@
 """The Ray Serve application: three deployments, each with its own replicas and resources.
 
     client ──gRPC──> Ingress (N replicas, one per node: each binds the port exclusively)
+    client ──HTTP──> Serve's proxy ──┘ (the OpenAI API, cluster/http/, when enabled)
                        │ ClusterBackend: place, then call decode pinned to d
                        v
                      DecodeServer (M replicas) ──prefill, pinned to p──> PrefillServer (K)
