@@ -183,10 +183,21 @@ class PrefixAware(PlacementPolicy):
     replicas the true spread can exceed the bound by what the others placed within one
     heartbeat interval.
 
+    Slot bound (slot_bound): a replica whose outstanding requests fill its max_num_seqs
+    slots is not eligible while some replica within the imbalance bound has a free slot.
+    The cost counts prompt tokens, not the wait for a sequence slot, so without this a
+    hot prefix could queue requests behind full slots while other replicas idle.
+
+    Weights (bench/router_sim.py, bench/RESULTS.md): decode KV in use is not prefill
+    work, and an absolute KV term (kv_weight x tens of thousands of tokens) outweighs
+    whole prompts, so the shipped kv_weight is 0. prompt_weight > queued_weight keeps
+    affinity through longer queues (tested below); on the simulated agent loops it kept
+    sessions on overloaded replicas, so the shipped weights are equal.
+
     Reasons: "prefix" (the chosen replica holds the pool's longest cached prefix),
     "no_prefix" (no replica holds any of it), "load" (a longer prefix elsewhere cost
     more than the load here), "imbalance_bound" (every replica holding the longest
-    prefix was too busy to be eligible).
+    prefix was too busy, or had no free slot, to be eligible).
     """
 
     name = "prefix_aware"
