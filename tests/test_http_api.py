@@ -208,6 +208,26 @@ def _extra(kwargs: dict) -> dict:
     return out
 
 
+def test_chat_logprobs(client):
+    done = _chat(
+        client,
+        messages=USER,
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+        **GREEDY,
+    )
+    content = done.choices[0].logprobs.content
+    # One entry per sampled token (control tokens of the harmony turn included).
+    assert len(content) == done.usage.completion_tokens == 5
+    for entry in content:
+        assert entry.logprob <= 0.0 and 1 <= len(entry.top_logprobs) <= 2
+        # Greedy: the sampled token is the most likely one.
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+
+
 def test_chat_forced_tool_call_plain_and_streamed(client):
     """tool_choice naming a function: the turn is that call, on the real model (greedy,
     so streamed and plain agree); its exact shapes are pinned on replayed tokens below."""

@@ -9,14 +9,9 @@
 `build_http_app(backend, config)` is mounted by the Ingress deployment (Ray Serve's HTTP
 proxy routes to it) and served by uvicorn in tests. Requests are checked and converted by
 the same layer as the gRPC API's (cluster/api/prepare.py, chat_stream.py), so both fronts
-refuse the same things with the same field named. Errors use OpenAI's JSON shape,
-{"error": {"message", "type", "param", "code"}}:
-
-    400 invalid_request_error   the field in `param`  (gRPC INVALID_ARGUMENT)
-    401 (API key missing/wrong)                       (UNAUTHENTICATED)
-    429 + Retry-After           queue full            (RESOURCE_EXHAUSTED)
-    503                         backend unavailable   (UNAVAILABLE)
-    504                         deadline passed       (DEADLINE_EXCEEDED)
+refuse the same things with the same field named. Errors: errors.py (OpenAI's JSON
+shape; 400 naming the field, 401, 429 with Retry-After, 503, 504); running a request and
+its server-sent events: streaming.py.
 
 A deadline comes from the `X-Request-Timeout` header (seconds). A streamed answer runs
 inside the response's body iterator; when the client disconnects, the server cancels
@@ -29,8 +24,6 @@ queue is a 429, not a broken stream.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import math
 import time
@@ -40,26 +33,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tandem.cluster.api import limits as input_limits
 from tandem.cluster.api import prepare
 from tandem.cluster.api.backend import (
-    BackendUnavailable,
     GenerationBackend,
     GenerationDelta,
     GenerationRequest,
-    InvalidRequestError,
-    QueueFull,
 )
 from tandem.cluster.api.chat_stream import ChatSplitter
 from tandem.cluster.http import chat, completions, responses
+from tandem.cluster.http.errors import ApiError, bad_request, bearer_ok, error_for
 from tandem.cluster.http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     ResponsesRequest,
     parse_body,
 )
+from tandem.cluster.http.streaming import deltas, each, sse, until
 from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
@@ -95,52 +87,6 @@ class HttpConfig:
             raise ValueError(
                 f"HttpConfig.max_body_bytes must be >= 1024, got {self.max_body_bytes}"
             )
-
-
-class ApiError(Exception):
-    """An answer other than 200, in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-        self.param, self.code, self.headers = param, code, headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed while it ran."""
-
-
-def bearer_ok(header: str | None, api_key: str) -> bool:
-    """Whether an Authorization header is "Bearer <api_key>" (constant time)."""
-    raw = (header or "").encode("utf-8", "surrogateescape")
-    scheme, _, token = raw.partition(b" ")
-    token_ok = hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
-    return scheme.lower() == b"bearer" and token_ok
-
-
-def _bad_request(param: str, message: str) -> ApiError:
-    return ApiError(400, message, "invalid_request_error", param=param)
 
 
 class OpenAIFront:
@@ -187,7 +133,7 @@ class OpenAIFront:
         except ValueError:
             seconds = math.nan
         if not (math.isfinite(seconds) and seconds > 0):
-            raise _bad_request(
+            raise bad_request(
                 DEADLINE_HEADER, f"{DEADLINE_HEADER}: must be a positive number of seconds"
             )
         return time.monotonic() + seconds
@@ -208,7 +154,7 @@ class OpenAIFront:
                 prompt_len, self._model.max_model_len, self._model.vocab_size
             )
         except SamplingParamsError as err:
-            raise _bad_request(name(err.field), _renamed(str(err), err.field, name)) from None
+            raise bad_request(name(err.field), _renamed(str(err), err.field, name)) from None
         return params
 
     async def _open(
@@ -223,7 +169,7 @@ class OpenAIFront:
         )
         stream = self.backend.generate(request)
         try:
-            async with _until(deadline):
+            async with until(deadline):
                 first = await anext(stream)
         except BaseException:
             await stream.aclose()
@@ -260,14 +206,14 @@ class OpenAIFront:
 
             async def events() -> AsyncIterator[dict[str, Any]]:
                 yield chunker.first()
-                async with aclosing(_deltas(stream, first, deadline)) as deltas:
-                    async for delta in deltas:
+                async with aclosing(deltas(stream, first, deadline)) as ds:
+                    async for delta in ds:
                         for chunk in chunker.chunks(splitter.split(delta)):
                             yield chunk
 
-            return _sse(events(), done_marker=True)
+            return sse(events(), done_marker=True)
         acc = chat.ChatAccumulator(tok, want_lp)
-        await _each(stream, first, deadline, lambda d: acc.add(splitter.split(d)))
+        await each(stream, first, deadline, lambda d: acc.add(splitter.split(d)))
         return JSONResponse(acc.completion(rid, model))
 
     async def completions(self, request: Request) -> Response:
@@ -297,13 +243,13 @@ class OpenAIFront:
         if body.stream:
 
             async def events() -> AsyncIterator[dict[str, Any]]:
-                async with aclosing(_deltas(stream, first, deadline)) as deltas:
-                    async for delta in deltas:
+                async with aclosing(deltas(stream, first, deadline)) as ds:
+                    async for delta in ds:
                         for chunk in builder.chunks(delta.output):
                             yield chunk
 
-            return _sse(events(), done_marker=True)
-        await _each(stream, first, deadline, lambda d: builder.add(d.output))
+            return sse(events(), done_marker=True)
+        await each(stream, first, deadline, lambda d: builder.add(d.output))
         return JSONResponse(builder.completion())
 
     async def responses(self, request: Request) -> Response:
@@ -332,13 +278,13 @@ class OpenAIFront:
             async def events() -> AsyncIterator[dict[str, Any]]:
                 for event in builder.start_events():
                     yield event
-                async with aclosing(_deltas(stream, first, deadline)) as deltas:
-                    async for delta in deltas:
+                async with aclosing(deltas(stream, first, deadline)) as ds:
+                    async for delta in ds:
                         for event in builder.add(splitter.split(delta)):
                             yield event
 
-            return _sse(events(), done_marker=False, named=True)
-        await _each(stream, first, deadline, lambda d: builder.add(splitter.split(d)))
+            return sse(events(), done_marker=False, named=True)
+        await each(stream, first, deadline, lambda d: builder.add(splitter.split(d)))
         return JSONResponse(builder.response())
 
     def models(self) -> JSONResponse:
@@ -376,111 +322,6 @@ class OpenAIFront:
 def _renamed(message: str, field_name: str, name: Callable[[str], str]) -> str:
     new = name(field_name)
     return message if new == field_name else message.replace(field_name, new, 1)
-
-
-class _until:
-    """asyncio.timeout_at for a time.monotonic() deadline (None: no deadline), raising
-    DeadlineExceeded when it is the deadline that ended the block."""
-
-    def __init__(self, deadline: float | None) -> None:
-        when = None
-        if deadline is not None:
-            loop = asyncio.get_running_loop()
-            when = loop.time() + (deadline - time.monotonic())
-        self._timeout = asyncio.timeout_at(when)
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-
-    async def __aexit__(self, kind, value, tb) -> bool | None:
-        try:
-            return await self._timeout.__aexit__(kind, value, tb)
-        except TimeoutError:
-            if self._timeout.expired():
-                raise DeadlineExceeded from None
-            raise
-
-
-async def _deltas(
-    stream: AsyncGenerator[GenerationDelta, None], first: GenerationDelta, deadline: float | None
-) -> AsyncIterator[GenerationDelta]:
-    """The request's deltas up to the last one. Leaving early by any path (the client
-    went away, the deadline passed, an error) closes the backend stream, which aborts
-    the request wherever it runs."""
-    async with aclosing(stream), _until(deadline):
-        yield first
-        if first.output.finished:
-            return
-        async for delta in stream:
-            yield delta
-            if delta.output.finished:
-                return
-
-
-async def _each(
-    stream: AsyncGenerator[GenerationDelta, None],
-    first: GenerationDelta,
-    deadline: float | None,
-    consume: Callable[[GenerationDelta], object],
-) -> None:
-    """Run a non-streamed request to its end, handing each delta to `consume`."""
-    async with aclosing(_deltas(stream, first, deadline)) as deltas:
-        async for delta in deltas:
-            consume(delta)
-
-
-def error_for(err: BaseException, retry_after_s: int = 1) -> ApiError:
-    """The OpenAI-shaped error of an exception raised while serving a request."""
-    if isinstance(err, ApiError):
-        return err
-    if isinstance(err, (SamplingParamsError, InvalidRequestError)):
-        return _bad_request(err.field, str(err))
-    if isinstance(err, QueueFull):
-        return ApiError(
-            429,
-            f"overloaded: {err}",
-            "rate_limit_error",
-            code="rate_limit_exceeded",
-            # admission control's estimate where it made one, else the configured value
-            headers={"Retry-After": str(err.retry_after_s or retry_after_s)},
-        )
-    if isinstance(err, BackendUnavailable):
-        return ApiError(503, f"unavailable: {err}", "server_error", code="unavailable")
-    if isinstance(err, DeadlineExceeded):
-        return ApiError(504, "the deadline passed", "timeout", code="deadline_exceeded")
-    log.error("request failed", exc_info=err)
-    return ApiError(500, "internal error", "server_error")
-
-
-def _sse(
-    events: AsyncIterator[dict[str, Any]], done_marker: bool, named: bool = False
-) -> StreamingResponse:
-    """Server-sent events, one JSON object each. An error after the 200 went out is sent
-    as a last event in OpenAI's error shape (the status line cannot change any more)."""
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                prefix = f"event: {event['type']}\n" if named else ""
-                yield f"{prefix}data: {json.dumps(event)}\n\n".encode()
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as err:
-            error = error_for(err).body()
-            if named:
-                error = {"type": "error", **error["error"]}
-                yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
-            else:
-                yield f"data: {json.dumps(error)}\n\n".encode()
-            return
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-        if done_marker:
-            yield b"data: [DONE]\n\n"
-
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
 
 
 def build_http_app(backend: GenerationBackend, config: HttpConfig) -> FastAPI:
