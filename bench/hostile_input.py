@@ -15,8 +15,8 @@ alternated so that drift in the machine's load falls on both alike:
                     back or `--hostile-rate` a second
     cpu cost        (first) each hostile kind sent 40 times in a row on an otherwise idle
                     server, and 40 normal requests: the server process's CPU time (user +
-                    system, from /proc) a request. Independent of other load on the machine,
-                    unlike the latencies.
+                    system, from /proc) a request, independent of other load on the
+                    machine unlike the latencies; and the wall time to each answer.
     unbounded       (once, at the end) hostile again, against a server whose limits are
                     raised out of the way (limits.RequestLimits with huge counts): what
                     the bounds save
@@ -246,15 +246,23 @@ def cpu_cost(server: ServerProcess, repeats: int = 40) -> dict[str, dict]:
         for kind, (method, data) in kinds.items():
             call = channel.unary_stream(method)
             codes: dict[str, int] = defaultdict(int)
+            walls = []
             before = server.cpu_s()
             for _ in range(repeats):
+                t0 = time.perf_counter()
                 try:
                     list(call(data, timeout=60))
                     codes["OK"] += 1
                 except grpc.RpcError as err:
                     codes[err.code().name] += 1
+                walls.append(1000 * (time.perf_counter() - t0))
             spent = server.cpu_s() - before
-            out[kind] = {"cpu_ms_a_request": round(1000 * spent / repeats, 2), "codes": dict(codes)}
+            out[kind] = {
+                "cpu_ms_a_request": round(1000 * spent / repeats, 2),
+                "wall_p50_ms": round(statistics.median(walls), 1),
+                "wall_max_ms": round(max(walls), 1),
+                "codes": dict(codes),
+            }
     return out
 
 
