@@ -51,6 +51,8 @@ class RequestRecord:
     cached_tokens: int = 0
     # Seconds between consecutive tokens after the first.
     itl_s: list[float] = field(default_factory=list)
+    # The server's retry-after on a RESOURCE_EXHAUSTED refusal (None: not given).
+    retry_after_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -153,6 +155,9 @@ class Driver:
                     record.cached_tokens = chunk.usage.cached_tokens
         except grpc.aio.AioRpcError as err:
             record.status, record.error = err.code().name, err.details() or ""
+            for key, value in err.trailing_metadata() or ():
+                if key == "retry-after":
+                    record.retry_after_s = float(value)
         finally:
             self.in_flight -= 1
             record.end_s = self.now()
@@ -192,13 +197,17 @@ class Driver:
         await self._run(body)
 
     async def concurrency(self, requests: Iterator[LoadRequest], workers: int) -> None:
+        """A worker whose request is refused waits the server's retry-after (1 s if it
+        gives none) before its next one, as a well-behaved client does."""
         budget = itertools.count()
 
         async def worker(stub) -> None:
             for request in requests:
                 if next(budget) >= self.limits.max_requests or self.now() >= self.limits.duration_s:
                     return
-                await self._send(stub, request)
+                record, _ = await self._send(stub, request)
+                if record.status == "RESOURCE_EXHAUSTED":
+                    await asyncio.sleep(record.retry_after_s or 1.0)
 
         async def body(stub) -> None:
             await asyncio.gather(*(worker(stub) for _ in range(workers)))

@@ -1,19 +1,162 @@
-"""The overload scenario of RELIABILITY.md target 6 against a running cluster, shared by
-tests/test_autoscaling_cluster.py (which checks what happened) and bench/overload.py
-(which records how fast): the unloaded time to first token, the capacity of a closed
-loop, then an open loop at a multiple of that capacity."""
+"""The autoscaling and overload scenarios, shared by tests/test_autoscaling_cluster.py
+(which checks what happened) and bench/autoscaling_cpu.py (which records the figures and
+plots):
+
+    autoscale_cluster()  a real cluster (Ray Serve, Redis, gRPC; tiny model, CPU) whose
+                         prefill and decode pools autoscale 1..2 with PoolAutoscaler,
+                         behind an ingress with admission control
+    run_phases()         a prefill-heavy phase, then a decode-heavy one, each held until
+                         its pool grew and released until it shrank back
+    run_overload()       the unloaded time to first token, the capacity of a closed
+                         loop, then an open loop at a multiple of that capacity
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tandem.cluster.loadtest.arrivals import Constant, RateSchedule
 from tandem.cluster.loadtest.driver import Driver, RequestRecord, RunLimits
+from tandem.cluster.loadtest.replicas import ReplicaSampler
 from tandem.cluster.loadtest.report import percentile
-from tandem.cluster.loadtest.workloads import Workload
+from tandem.cluster.loadtest.workloads import Lengths, Synthetic, Vocab, Workload
+from tandem.workers.model.config import load_config
+from tests.support.cluster import RunningCluster, serve_cluster, wait_for
+
+ENGINE = {
+    "device": "cpu",
+    "dtype": "float32",
+    "block_size": 8,
+    "kv_cache_tokens": 4096,
+    "max_num_seqs": 16,
+    "max_num_batched_tokens": 64,
+    "max_model_len": 512,
+}
+# Admission bound of the cluster: about two unloaded prefills of the prompts used here.
+MAX_START_DELAY_S = 0.4
+
+
+def _policy(targets: dict[str, float], slo: dict[str, float] | None = None) -> dict:
+    return {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        # Serve averages each reported figure over the look-back window
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2.0,
+        "upscale_delay_s": 1.0,
+        "downscale_delay_s": 4.0,
+        "policy": {
+            "policy_function": "tandem.cluster.autoscaling:PoolAutoscaler",
+            "policy_kwargs": {"targets": targets, "slo": slo or {}},
+        },
+    }
+
+
+@contextmanager
+def autoscale_cluster(model_dir: str) -> Iterator[RunningCluster]:
+    with serve_cluster(
+        model_dir,
+        app="autoscale",
+        cluster_name="autoscale",
+        engine=ENGINE,
+        placement={"prefill": "least_loaded", "decode": "least_loaded"},
+        prefill=1,
+        decode=1,
+        ingress=1,
+        autoscaling={
+            "PrefillServer": _policy({"queued_prompt_tokens": 64, "waiting": 2},
+                                     slo={"ttft_s": 0.15}),
+            "DecodeServer": _policy({"running": 3}),
+        },
+        ingress_args={"max_start_delay_s": MAX_START_DELAY_S},
+    ) as cluster:
+        yield cluster
+
+
+def vocab_of(cluster: RunningCluster) -> Vocab:
+    return Vocab(load_config(cluster.args["model"]).vocab_size)
+
+
+class ClosedLoop:
+    """`workers` streams (the loadtest driver) on a thread of their own until stopped:
+    saturates a pool without overloading the machine."""
+
+    def __init__(self, target: str, workload: Workload, workers: int, seed: int,
+                 origin: float) -> None:
+        limits = RunLimits(max_requests=2000, duration_s=300, timeout_s=60)
+        self.driver = Driver(target, limits, origin=origin)
+        self._stop = threading.Event()
+        requests = workload.requests(seed)
+
+        def until_stopped():
+            for request in requests:
+                if self._stop.is_set():
+                    return
+                yield request
+
+        job = self.driver.concurrency(until_stopped(), workers)
+        self._thread = threading.Thread(target=asyncio.run, args=(job,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(90)
+        assert not self._thread.is_alive()
+
+
+@dataclass
+class PhasesRun:
+    records: list[RequestRecord]
+    # (t, {role: live replicas}) once a second
+    replicas: list[tuple[float, dict[str, int]]]
+    # replica counts (prefill, decode) seen while each phase held its load
+    during_prefill_phase: set[tuple[int, int]]
+    during_decode_phase: set[tuple[int, int]]
+
+
+def run_phases(cluster: RunningCluster) -> PhasesRun:
+    """Prefill-heavy load (6 streams of 200-token prompts, one token out) until the
+    prefill pool has 2 replicas, released until both pools are back at 1; then
+    decode-heavy load (8 streams of 8-token prompts, prefilled on the decode replica,
+    64 tokens out) until decode has 2, released likewise."""
+    vocab = vocab_of(cluster)
+
+    def counts() -> tuple[int, int]:
+        return len(cluster.replicas("prefill")), len(cluster.replicas("decode"))
+
+    assert counts() == (1, 1)
+    records: list[RequestRecord] = []
+    seen: list[set[tuple[int, int]]] = []
+    origin = time.monotonic()
+    clock = lambda: time.monotonic() - origin  # noqa: E731
+    phases = (
+        (Synthetic(vocab, Lengths("200"), Lengths("1")), 6, 0, "the prefill pool to grow"),
+        (Synthetic(vocab, Lengths("8"), Lengths("64")), 8, 1, "the decode pool to grow"),
+    )
+    with ReplicaSampler(cluster.redis_url, cluster.cluster_name, clock=clock) as sampler:
+        for seed, (workload, workers, pool, what) in enumerate(phases, start=1):
+            observed: set[tuple[int, int]] = set()
+            load = ClosedLoop(cluster.target, workload, workers, seed, origin)
+            try:
+
+                def grown(pool=pool, observed=observed) -> bool:
+                    now = counts()
+                    observed.add(now)
+                    return now[pool] == 2
+
+                wait_for(grown, 60, what)
+            finally:
+                load.stop()
+            records += load.driver.records
+            seen.append(observed)
+            wait_for(lambda: counts() == (1, 1), 60, "both pools back at one replica")
+    return PhasesRun(records, sampler.samples, seen[0], seen[1])
 
 
 @dataclass

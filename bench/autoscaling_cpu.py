@@ -1,0 +1,88 @@
+"""Autoscaling and overload on a real cluster on this CPU machine (tiny model).
+
+    .venv/bin/python -m bench.autoscaling_cpu [--out bench/results/autoscaling_cpu]
+
+The scenarios of tests/test_autoscaling_cluster.py (tests/support/autoscale.py), with
+figures: a prefill-heavy then a decode-heavy phase on pools autoscaling 1..2
+(PoolAutoscaler), the replica counts over time and the load test's report (results.json,
+PNG plots, report.html) written to --out; then 3x the measured capacity in an open loop
+against the ingress's admission control: refusal latency, admitted TTFT against the
+unloaded one, admitted rate against the capacity, and the Ingress replica's resident
+memory before and after. Prints one JSON object for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from tandem.cluster.loadtest.report import SLO, summarize, write_report
+from tandem.cluster.loadtest.workloads import Lengths, Synthetic
+from tandem.workers.synthetic.tiny_model import make_tiny_model
+from tests.support.autoscale import (
+    MAX_START_DELAY_S,
+    autoscale_cluster,
+    run_overload,
+    run_phases,
+    vocab_of,
+)
+
+
+def ingress_rss_mb() -> float:
+    """Resident memory of the Ingress replica processes (Ray names them in their title)."""
+    total = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("Ingress" in part for part in proc.info["cmdline"] or ()):
+            total += proc.memory_info().rss
+    return total / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/autoscaling_cpu")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(Path(tmp) / "tiny")
+        with autoscale_cluster(str(model)) as cluster:
+            phases = run_phases(cluster)
+            summary = summarize(phases.records, SLO(ttft_s=5.0, itl_s=1.0),
+                                replicas=phases.replicas, config={"scenario": "phases"})
+            write_report(args.out, phases.records, summary)
+            rss_before = ingress_rss_mb()
+            overload = run_overload(cluster.target, Synthetic(vocab_of(cluster),
+                                                              Lengths("160"), Lengths("8")))
+            rss_after = ingress_rss_mb()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(json.dumps({
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
+        "phases": {
+            "requests": len(phases.records),
+            "statuses": dict(Counter(r.status for r in phases.records)),
+            "replicas_seen_prefill_phase": sorted(phases.during_prefill_phase),
+            "replicas_seen_decode_phase": sorted(phases.during_decode_phase),
+            "ttft_p50_s": summary["ttft_s"]["p50"],
+            "ttft_p99_s": summary["ttft_s"]["p99"],
+        },
+        "overload": {
+            "max_start_delay_s": MAX_START_DELAY_S,
+            **overload.figures(),
+            "statuses": dict(overload.statuses),
+            "ingress_rss_mb_before": rss_before,
+            "ingress_rss_mb_after": rss_after,
+        },
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
