@@ -37,7 +37,7 @@ from ray import serve
 
 from tandem.cluster.api.server import FIELD_METADATA_KEY
 from tandem.cluster.client import TandemClient
-from tandem.cluster.config import DECODE, PREFILL
+from tandem.cluster.config import DECODE, PREFILL, ConfigOverrides, load_app_config
 from tandem.cluster.http.app import HttpConfig, build_http_app
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
 from tandem.workers.engine.sampling_params import SamplingParams
@@ -865,3 +865,20 @@ def test_serve_refuses_a_taken_http_port():
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("tandem serve:")]
     assert ours == [f"tandem serve: HTTP port {taken} on 127.0.0.1 is already in use"], done.stderr
+
+
+def test_http_port_override_turns_the_proxy_on_where_grpc_listens():
+    default = load_app_config(None)
+    assert not default.http_enabled and default.route_prefix is None
+    config = load_app_config(None, ConfigOverrides(http_port=8123))
+    assert config.http_enabled and config.route_prefix == "/"
+    assert config.serve.proxy_location == "EveryNode"
+    # Serve's own default host is 0.0.0.0; the API stays on the gRPC host (loopback).
+    assert (config.serve.http_options.host, config.serve.http_options.port) == (
+        "127.0.0.1",
+        8123,
+    )
+    assert config.http_url == "http://127.0.0.1:8123/v1"
+    remote = load_app_config(None, ConfigOverrides(http_port=8123, grpc_host="0.0.0.0"))
+    assert remote.serve.http_options.host == "0.0.0.0"
+    assert remote.http_url == "http://127.0.0.1:8123/v1"
