@@ -141,8 +141,9 @@ def main() -> None:
 
     def ingress() -> IngressPlacement:
         return IngressPlacement(
-            decode_policy=PrefixAware(PrefixAwareConfig(kv_weight=0.05)),
-            prefill_policy=PrefixAware(),
+            # deploy/serve-config.yaml's weights (both pools alike since bench/router_sim.py).
+            decode_policy=PrefixAware(PrefixAwareConfig(max_imbalance=16)),
+            prefill_policy=PrefixAware(PrefixAwareConfig(max_imbalance=16)),
             config=config,
             index=feeder,
         )

@@ -599,7 +599,24 @@ class Simulation:
                 self.visible_records[payload[0]] = payload[1]
             else:
                 self._apply(*payload)
+        self.check()
         return self.done
+
+    def check(self) -> None:
+        """After a run: every request finished and freed its blocks, the pools are
+        consistent, and the router's index (fed only by block events) equals the caches."""
+        sessions = self.trace.sessions
+        if len(self.done) != sum(len(st.spec.steps) for st in sessions):
+            raise AssertionError("router_sim: not every request finished")
+        if self.in_flight.total():
+            raise AssertionError("router_sim: in-flight counts left after the run")
+        for r in self.replicas:
+            r.pool.check_integrity()
+            if r.pool.num_free != r.pool.num_blocks or r.queue or r.decoding:
+                raise AssertionError(f"router_sim: {r.rid} still holds requests or blocks")
+            cached = {(FULL, b.block_hash) for b in r.pool.cached_blocks()}
+            if self.index.blocks(r.rid) != cached or self.truth.blocks(r.rid) != cached:
+                raise AssertionError(f"router_sim: the index of {r.rid} differs from its cache")
 
     def _arrive(self, job: Job) -> None:
         i, est = self.router.choose(self, job)
