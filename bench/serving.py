@@ -384,6 +384,11 @@ def case_tput(setup: Setup, engine: LLMEngine, rng: random.Random, name: str) ->
     row = summarize(traces, wall)
     full = [s for s, r, o in zip(log.seconds, log.running, log.outputs, strict=True)
             if r == running and o == running]
+    other = [s for s, r, o in zip(log.seconds, log.running, log.outputs, strict=True)
+             if not (r == running and o == running)]
+    # Where the wall time goes: steps where the whole batch decoded, and the rest (prefill
+    # and mixed steps, partly filled batches at the tails of the waves).
+    row.update({"full_decode_s": sum(full), "other_steps": len(other), "other_s": sum(other)})
     row.update({"isl": isl, "osl": osl, "running_limit": running,
                 "full_decode_steps": len(full), "full_step_p50_s": percentile(full, 50),
                 "vs_trt_llm": row["output_tok_s"] / TRT_LLM_1K1K_H100,
@@ -391,7 +396,8 @@ def case_tput(setup: Setup, engine: LLMEngine, rng: random.Random, name: str) ->
     print(f"{name} {isl}/{osl} x{n} running {running}: {row['output_tok_s']:.0f} output tok/s "
           f"({row['vs_trt_llm']:.1%} of TRT-LLM), TTFT p50 {row['ttft_p50_s']:.2f} s, "
           f"ITL p50 {row['itl_p50_s'] * 1e3:.1f} p99 {row['itl_p99_s'] * 1e3:.1f} ms, "
-          f"full-batch step p50 {row['full_step_p50_s'] * 1e3:.2f} ms", flush=True)
+          f"full-batch step p50 {row['full_step_p50_s'] * 1e3:.2f} ms; {len(full)} full-batch "
+          f"steps {sum(full):.1f} s, {len(other)} other steps {sum(other):.1f} s", flush=True)
     return row
 
 
