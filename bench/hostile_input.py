@@ -68,6 +68,8 @@ def hostile_requests() -> dict[str, tuple[str, bytes]]:
         ),
         "350,000 empty messages (2.8 MB)": pb.ChatRequest(messages=_user(350_000)),
         "200,000 empty messages (1.6 MB)": pb.ChatRequest(messages=_user(200_000)),
+        # The most messages that fit max_request_bytes (2 bytes each): the worst parse.
+        "1,000,000 bare messages (2.0 MB)": pb.ChatRequest(messages=[pb.ChatMessage()] * 1_000_000),
         "129 tools": pb.ChatRequest(
             messages=_user(1), tools=[pb.Tool(name=f"f{i}") for i in range(129)]
         ),
