@@ -157,6 +157,11 @@ HOSTILE_CHATS = {
     "350,000 empty messages": (pb.ChatRequest(messages=_user(350_000)), "request"),
     # Under it (1.6 MB): refused by count before any message is converted.
     "200,000 empty messages": (pb.ChatRequest(messages=_user(200_000)), "messages"),
+    # The most messages that fit the byte limit (2 bytes each).
+    "1,000,000 bare messages": (
+        pb.ChatRequest(messages=[pb.ChatMessage()] * 1_000_000),
+        "messages",
+    ),
     "too many tools": (
         pb.ChatRequest(messages=_user(1), tools=[pb.Tool(name=f"f{i}") for i in range(129)]),
         "tools",
