@@ -151,6 +151,15 @@ def test_models_lists_the_served_model(client):
     assert [strict(Model, m).id for m in models] == [MODEL]
 
 
+def test_ingress_still_answers_handle_calls(cluster):
+    """The Ingress became an ASGI deployment (serve.ingress); its introspection methods,
+    called through Serve handles by operators and the router tests, still answer."""
+    running, _ = cluster
+    (rid,) = running.ingress_replicas()
+    state = running.ingress_call(rid, "router_state")
+    assert state["replica_id"] == rid
+
+
 # ------------------------------------------------------------------------- chat
 
 
