@@ -891,3 +891,39 @@ def test_http_port_override_turns_the_proxy_on_where_grpc_listens():
     remote = load_app_config(None, ConfigOverrides(http_port=8123, grpc_host="0.0.0.0"))
     assert remote.serve.http_options.host == "0.0.0.0"
     assert remote.http_url == "http://127.0.0.1:8123/v1"
+
+
+def test_engine_failure_mid_stream_is_an_error_event(faulty):
+    """After the 200 went out, a failure can only be a last event: OpenAI's error object
+    for chat (the client raises APIError), an "error" event for responses."""
+    c, backend, llm, hooks = faulty
+    hooks.step_delay_s = 0.02
+    stream = c.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=100, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = iter(stream)
+    next(chunks)
+    hooks.fail.set()
+    with pytest.raises(openai.APIError) as info:
+        list(chunks)
+    assert "unavailable" in info.value.message
+
+
+def test_engine_failure_mid_response_stream_is_an_error_event(faulty):
+    c, backend, llm, hooks = faulty
+    hooks.step_delay_s = 0.02
+    stream = iter(
+        c.responses.create(
+            model=MODEL,
+            input="x",
+            max_output_tokens=100,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    first = [strict(ResponseStreamEvent, next(stream)) for _ in range(2)]
+    hooks.fail.set()
+    rest = [strict(ResponseStreamEvent, e) for e in stream]
+    events = first + rest
+    assert events[-1].type == "error" and "unavailable" in events[-1].message
+    assert [e.sequence_number for e in events] == list(range(len(events)))

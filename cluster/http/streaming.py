@@ -76,16 +76,20 @@ def sse(
     as a last event in OpenAI's error shape (the status line cannot change any more)."""
 
     async def body() -> AsyncIterator[bytes]:
+        sequence = -1
         try:
             async for event in events:
                 prefix = f"event: {event['type']}\n" if named else ""
+                sequence = event.get("sequence_number", sequence)
                 yield f"{prefix}data: {json.dumps(event)}\n\n".encode()
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as err:
             error = error_for(err).body()
             if named:
-                error = {"type": "error", **error["error"]}
+                # The Responses API's "error" event: the error's fields at the top level,
+                # next in the stream's sequence.
+                error = {**error["error"], "type": "error", "sequence_number": sequence + 1}
                 yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
             else:
                 yield f"data: {json.dumps(error)}\n\n".encode()
