@@ -8,7 +8,8 @@ figures: a prefill-heavy then a decode-heavy phase on pools autoscaling 1..2
 PNG plots, report.html) written to --out; then 3x the measured capacity in an open loop
 against the ingress's admission control: refusal latency, admitted TTFT against the
 unloaded one, admitted rate against the capacity, and the Ingress replica's resident
-memory before and after. Prints one JSON object for bench/RESULTS.md.
+memory before and after; then 300 requests at once with 2 s deadlines, and the time
+until every worker is idle. Prints one JSON object for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tandem.workers.synthetic.tiny_model import make_tiny_model
 from tests.support.autoscale import (
     MAX_START_DELAY_S,
     autoscale_cluster,
+    run_deadlines,
     run_overload,
     run_phases,
     vocab_of,
@@ -60,6 +62,7 @@ def main() -> None:
             overload = run_overload(cluster.target, Synthetic(vocab_of(cluster),
                                                               Lengths("160"), Lengths("8")))
             rss_after = ingress_rss_mb()
+            deadline_statuses, idle_after_s = run_deadlines(cluster)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(json.dumps({
@@ -80,6 +83,10 @@ def main() -> None:
             "statuses": dict(overload.statuses),
             "ingress_rss_mb_before": rss_before,
             "ingress_rss_mb_after": rss_after,
+        },
+        "deadlines_300_concurrent": {
+            "statuses": dict(deadline_statuses),
+            "workers_idle_after_last_end_s": idle_after_s,
         },
     }, indent=1))
 

@@ -16,7 +16,13 @@ import pytest
 
 from tandem.cluster.loadtest.report import SLO, summarize, write_report
 from tandem.cluster.loadtest.workloads import Lengths, Synthetic
-from tests.support.autoscale import autoscale_cluster, run_overload, run_phases, vocab_of
+from tests.support.autoscale import (
+    autoscale_cluster,
+    run_deadlines,
+    run_overload,
+    run_phases,
+    vocab_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +63,15 @@ def test_overload_is_refused_with_a_retry_after_and_nothing_is_lost(cluster):
     # ...and in the trailing metadata, where clients read it
     assert all(r.retry_after_s is not None and r.retry_after_s >= 1 for r in refused)
     assert all(r.output_tokens == 8 for r in run.records if r.ok)
+
+
+def test_deadlines_stop_the_work_of_300_concurrent_requests(cluster):
+    """300 requests within half a second, each with a 2 s deadline and far more tokens
+    to generate than fit in it: each ends admitted-then-DEADLINE_EXCEEDED, refused, or
+    finished; soon after the last deadline no worker runs or queues anything (the
+    deadline cancels the stream, and with it the work on every worker). The time that
+    takes is recorded by bench/autoscaling_cpu.py."""
+    statuses, _ = run_deadlines(cluster)
+    assert sum(statuses.values()) == 300
+    assert set(statuses) <= {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, statuses
+    assert statuses["DEADLINE_EXCEEDED"], statuses

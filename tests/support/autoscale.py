@@ -9,6 +9,8 @@ plots):
                          its pool grew and released until it shrank back
     run_overload()       the unloaded time to first token, the capacity of a closed
                          loop, then an open loop at a multiple of that capacity
+    run_deadlines()      300 requests at once with 2 s deadlines, then the time until
+                         every worker is idle
 """
 
 from __future__ import annotations
@@ -81,6 +83,35 @@ def autoscale_cluster(model_dir: str) -> Iterator[RunningCluster]:
 
 def vocab_of(cluster: RunningCluster) -> Vocab:
     return Vocab(load_config(cluster.args["model"]).vocab_size)
+
+
+def idle(cluster: RunningCluster) -> bool:
+    """No worker replica runs or queues a request."""
+    for role in ("prefill", "decode"):
+        for replica in cluster.replicas(role):
+            m = cluster.worker_metrics(role, replica)
+            if m["running"] or m["waiting"]:
+                return False
+    return True
+
+
+def wait_until_idle(cluster: RunningCluster, timeout_s: float) -> float:
+    """Seconds until every worker is idle (fails past `timeout_s`)."""
+    start = time.monotonic()
+    wait_for(lambda: idle(cluster), timeout_s, "every worker idle")
+    return time.monotonic() - start
+
+
+def run_deadlines(cluster: RunningCluster) -> tuple[Counter, float]:
+    """300 requests within half a second, 2 s deadlines, 400 tokens each to generate:
+    their statuses, and the seconds from the last request's end until every worker is
+    idle."""
+    workload = Synthetic(vocab_of(cluster), Lengths("48"), Lengths("400"))
+    limits = RunLimits(max_requests=300, duration_s=5, timeout_s=2.0, max_in_flight=400)
+    driver = Driver(cluster.target, limits)
+    times = Constant(RateSchedule.constant(600, 0.51)).times(5)
+    asyncio.run(driver.open_loop(workload.requests(5), times))
+    return Counter(r.status for r in driver.records), wait_until_idle(cluster, 5.0)
 
 
 class ClosedLoop:

@@ -30,7 +30,7 @@ from ray import serve
 
 from tandem.cluster.app import Ingress, build_application
 from tandem.cluster.client import TandemClient
-from tandem.cluster.config import DECODE, INGRESS, parse_app_config, parse_args
+from tandem.cluster.config import DECODE, INGRESS, PREFILL, parse_app_config, parse_args
 from tandem.cluster.redis_server import LocalRedis
 from tandem.workers.control_plane import WorkerRegistry
 
@@ -106,6 +106,12 @@ class RunningCluster:
 
     def replicas(self, role: str) -> list[str]:
         return sorted(w.replica_id for w in self.registry.live_workers(role))
+
+    def worker_metrics(self, role: str, replica_id: str) -> dict:
+        """The engine figures of one worker replica, through a call pinned to it."""
+        name = PREFILL if role == "prefill" else DECODE
+        handle = serve.get_deployment_handle(name, app_name=self.app)
+        return json.loads(handle.metrics.remote(tandem_replica=replica_id).result())
 
     def ingress_replicas(self, app: str | None = None) -> list[str]:
         """Ids of the live Ingress replicas of `app` (default: the cluster's own)."""
