@@ -5,10 +5,12 @@ force the synchronous path in between."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
+from tandem.workers.engine.async_engine import AsyncLLMEngine
 from tandem.workers.engine.llm_engine import PENDING_TOKEN, EngineConfig, LLMEngine
 from tandem.workers.engine.sampling_params import SamplingParams
 
@@ -138,3 +140,40 @@ def test_streamed_deltas_under_async_scheduling(engines):
     assert PENDING_TOKEN not in ids
     assert "".join(d.text_delta for d in deltas) == pipelined.tokenizer.decode(ids)
     assert deltas[-1].finished and deltas[-1].usage.completion_tokens == 20
+
+
+def test_async_llm_engine_streams_under_async_scheduling(tiny_model_dir, engines):
+    """The asyncio engine's loop over a pipelining engine: concurrent streams equal the
+    synchronous engine's output, and a cancelled stream frees its KV."""
+    sync, _ = engines
+    batch = prompts(sync.config.vocab_size, 3, seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = sync.generate(batch, params)
+    engine = AsyncLLMEngine(make_engine(tiny_model_dir, True))
+
+    async def collect(prompt):
+        ids, text = [], ""
+        async for out in engine.generate(prompt, params):
+            ids.extend(out.token_ids)
+            text += out.text_delta
+        return ids, text, out.finish_reason
+
+    async def cancelled():
+        long = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
+        async for out in engine.generate(batch[0], long):
+            if out.usage.completion_tokens >= 3:
+                break
+
+    async def main():
+        results = await asyncio.gather(*(collect(p) for p in batch))
+        await cancelled()
+        return results
+
+    try:
+        results = asyncio.run(main())
+        assert engine.call(lambda e: max(e.kv.usage)) == 0.0
+        assert engine.call(lambda e: e.metrics()["pipelined_steps"]) > 0
+    finally:
+        engine.shutdown()
+    for (ids, text, reason), want in zip(results, expected, strict=True):
+        assert (ids, text, reason) == (want.token_ids, want.text, "length")

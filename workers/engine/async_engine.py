@@ -53,7 +53,9 @@ class AsyncLLMEngine:
                     pings, self._pings = self._pings, []
                     if pings:  # a health check: also whether every rank still runs steps
                         self.engine.runner.check_alive()
-                    outputs = self.engine.step() if self.engine.has_unfinished() else []
+                    # A step still in flight is drained even when every request has gone.
+                    busy = self.engine.has_unfinished() or self.engine.step_in_flight
+                    outputs = self.engine.step() if busy else []
                 for ping in pings:
                     ping.set()
                 for out in outputs:
