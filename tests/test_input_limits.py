@@ -26,6 +26,7 @@ from tandem.cluster.api import convert, limits
 from tandem.cluster.api.backend import InvalidRequestError, ModelCard
 from tandem.cluster.api.gen import tandem_pb2 as pb
 from tandem.cluster.api.limits import RequestLimits
+from tandem.cluster.api.proto_scan import first_over_limit
 from tandem.cluster.client import TandemClient
 from tandem.workers.engine.sampling_params import SamplingParamsError
 from tandem.workers.synthetic.tiny_model import default_model_dir
@@ -598,3 +599,32 @@ def test_fuzzed_http_responses_bodies_convert_or_are_refused(body, tokenizer, ca
         params.check_against_model(len(prompt), card.max_model_len, card.vocab_size)
     except REFUSALS:
         pass
+
+
+# ------------------------------------------------------- counting before parsing
+
+
+@FUZZ
+@given(request=CHATS, extra_messages=st.integers(0, 40), limit=st.integers(0, 12))
+def test_wire_count_agrees_with_the_parser(request, extra_messages, limit):
+    """proto_scan.first_over_limit against protobuf's own parser (the reference)."""
+    request.messages.extend([pb.ChatMessage(role="user", content="x")] * extra_messages)
+    data = request.SerializeToString()
+    messages = pb.ChatRequest.DESCRIPTOR.fields_by_name["messages"].number
+    tools = pb.ChatRequest.DESCRIPTOR.fields_by_name["tools"].number
+    over = first_over_limit(data, {messages: limit, tools: limit})
+    parsed = pb.ChatRequest.FromString(data)
+    counts = {messages: len(parsed.messages), tools: len(parsed.tools)}
+    if over is None:
+        assert all(n <= limit for n in counts.values())
+    else:
+        field, reached = over
+        assert reached == limit + 1 and counts[field] > limit
+
+
+@FUZZ
+@given(data=st.binary(max_size=256))
+def test_wire_count_never_raises_on_junk(data):
+    over = first_over_limit(data, {1: 2, 2: 2})
+    if over is not None:
+        assert over[1] == 3

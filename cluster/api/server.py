@@ -29,7 +29,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from tandem.cluster.api.gen import tandem_pb2 as pb
 from tandem.cluster.api.gen import tandem_pb2_grpc
 from tandem.cluster.api.health import HEALTH_SERVICE_NAME, ServerHealth
 from tandem.cluster.api.limits import DEFAULT_LIMITS, RequestLimits
+from tandem.cluster.api.proto_scan import first_over_limit
 from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
 from tandem.workers.text.harmony import render_conversation
 
@@ -322,18 +323,35 @@ class MalformedRequest:
     """Stands in for a request whose bytes were refused unparsed (the handler refuses it)."""
 
     error: str
+    field: str = "request"
 
 
-def _lenient(parse: Callable[[bytes], object], limits: RequestLimits) -> Callable[[bytes], object]:
+# Requests smaller than this parse in a few ms whatever they hold; larger ones have their
+# repeated fields counted on the wire first (proto_scan.py).
+SCAN_FROM_BYTES = 64 * 1024
+
+
+def _lenient(
+    parse: Callable[[bytes], object],
+    limits: RequestLimits,
+    counted: Mapping[int, tuple[str, int]] = {},  # noqa: B006 - read only
+) -> Callable[[bytes], object]:
     """A request deserializer that returns MalformedRequest instead of raising (grpc would
     answer a parse error with UNKNOWN and the exception text), and that refuses requests
-    over limits.max_request_bytes before spending any time parsing them."""
+    over limits.max_request_bytes, or with more top-level records of a `counted` field
+    (number -> (name, most records)) than allowed, before spending any time parsing them."""
+    most = {number: limit for number, (_, limit) in counted.items()}
 
     def deserialize(data: bytes) -> object:
         if len(data) > limits.max_request_bytes:
             return MalformedRequest(
                 f"request is {len(data)} bytes encoded; at most {limits.max_request_bytes}"
             )
+        if most and len(data) > SCAN_FROM_BYTES:
+            over = first_over_limit(data, most)
+            if over is not None:
+                name, limit = counted[over[0]]
+                return MalformedRequest(f"{name} holds over {limit} entries; at most {limit}", name)
         try:
             return parse(data)
         except DecodeError as err:
@@ -348,11 +366,22 @@ def _guarded(method: Callable[..., Awaitable[object]]) -> Callable[..., Awaitabl
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 request.error,
-                trailing_metadata=((FIELD_METADATA_KEY, "request"),),
+                trailing_metadata=((FIELD_METADATA_KEY, request.field),),
             )
         return await method(request, context)
 
     return handler
+
+
+def _counted(request_cls: type, limits: RequestLimits) -> dict[int, tuple[str, int]]:
+    """The repeated fields of a request counted on the wire before parsing."""
+    if request_cls is not pb.ChatRequest:
+        return {}
+    fields = pb.ChatRequest.DESCRIPTOR.fields_by_name
+    return {
+        fields["messages"].number: ("messages", limits.max_messages),
+        fields["tools"].number: ("tools", limits.max_tools),
+    }
 
 
 def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
@@ -368,9 +397,12 @@ def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
             if method.server_streaming
             else grpc.unary_unary_rpc_method_handler
         )
+        limits = servicer.config.limits
         handlers[method.name] = make(
             _guarded(getattr(servicer, method.name)),
-            request_deserializer=_lenient(request_cls.FromString, servicer.config.limits),
+            request_deserializer=_lenient(
+                request_cls.FromString, limits, _counted(request_cls, limits)
+            ),
             response_serializer=response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
