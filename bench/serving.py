@@ -175,12 +175,14 @@ def build_model(setup: Setup, device: torch.device) -> GptOssModel:
 
 
 def build_engine(setup: Setup, model: GptOssModel, tokenizer: Tokenizer,
-                 device: torch.device) -> LLMEngine:
+                 device: torch.device, utilization: float | None = None) -> LLMEngine:
+    """utilization: size the KV cache from the GPU's memory (kv_cache_tokens None)."""
     ec = EngineConfig(
         device=str(device),
         dtype=str(setup.dtype).removeprefix("torch."),
         block_size=16,
-        kv_cache_tokens=setup.kv_cache_tokens,
+        kv_cache_tokens=setup.kv_cache_tokens if utilization is None else None,
+        gpu_memory_utilization=utilization or 0.9,
         max_num_seqs=setup.max_num_seqs,
         max_num_batched_tokens=setup.max_num_batched_tokens,
         enable_prefix_caching=True,
@@ -460,6 +462,8 @@ def case_online(setup: Setup, engine: LLMEngine, rng: random.Random) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="size the KV cache from GPU memory instead of the fixed 1.1M tokens")
     parser.add_argument("--cases",
                         default="runner,single,step,sync,parity,tput256,tput512,online")
     args = parser.parse_args()
@@ -492,9 +496,17 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    engine = build_engine(setup, model, tokenizer, device)
+    begin = time.perf_counter()
+    engine = build_engine(setup, model, tokenizer, device, args.gpu_memory_utilization)
     ready = engine.warm_up()
     result["time_to_ready_s"] = ready
+    result["engine_build_s"] = time.perf_counter() - begin - ready
+    result["kv_cache_tokens"] = engine.kv_cache_tokens
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        result["gpu_free_after_ready_gib"] = free / 2**30
+        print(f"kv cache {engine.kv_cache_tokens} tokens; {free / 2**30:.1f} of "
+              f"{total / 2**30:.1f} GiB free after warm-up", flush=True)
     save()
     rng = random.Random(0)
     runs: dict[str, Callable[[], dict]] = {

@@ -26,9 +26,10 @@ import torch
 
 from tandem.workers.disagg.transfer import KVSender, KVSendTransfer, TransferTicket
 from tandem.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from tandem.workers.engine.kv_sizing import blocks_per_group, kv_cache_tokens_from_memory
 from tandem.workers.engine.outputs import Completion, RequestOutput, Timings, TokenLogprob, Usage
 from tandem.workers.engine.request import Request, RequestStatus
-from tandem.workers.engine.runner import ModelRunner
+from tandem.workers.engine.runner import DEFAULT_GRAPH_SIZES, ModelRunner, graphs_supported
 from tandem.workers.engine.sampler import Sampler, advance_generator, seeded_generator
 from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
 from tandem.workers.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -47,8 +48,12 @@ class EngineConfig:
     dtype: str | None = None
     # Tokens per KV block.
     block_size: int = 16
-    # Capacity of the full-attention KV cache, in tokens of context across all sequences.
-    kv_cache_tokens: int = 32768
+    # Capacity of the full-attention KV cache, in tokens of context across all sequences;
+    # None: as much as gpu_memory_utilization leaves (cuda only).
+    kv_cache_tokens: int | None = 32768
+    # With kv_cache_tokens None: the fraction of the GPU's memory the engine may hold
+    # (weights, activations, graphs and KV cache), as vLLM's gpu_memory_utilization.
+    gpu_memory_utilization: float = 0.9
     # Most sequences in one step.
     max_num_seqs: int = 64
     # Token budget of one step (decode tokens first, then prefill chunks).
@@ -69,11 +74,16 @@ class EngineConfig:
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.kv_cache_tokens < self.block_size:
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ValueError("EngineConfig.kv_cache_tokens must hold at least one block")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                "EngineConfig.gpu_memory_utilization must be in (0, 1], "
+                f"got {self.gpu_memory_utilization}"
+            )
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"EngineConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -189,19 +199,28 @@ class LLMEngine:
         self.device = device
         self.dtype = dtype
         ec = engine_config
-        full_blocks = math.ceil(ec.kv_cache_tokens / ec.block_size)
-        blocks = []
-        groups = []
-        for spec in config.kv_groups:
-            if spec.sliding_window is None:
-                blocks.append(full_blocks)
-            else:
-                # A sliding layer keeps only the window (plus the step's chunk) per sequence.
-                per_seq = (
-                    math.ceil((spec.sliding_window + ec.max_num_batched_tokens) / ec.block_size) + 1
-                )
-                blocks.append(min(full_blocks, ec.max_num_seqs * per_seq))
-            groups.append(KVGroup(name=spec.name, sliding_window=spec.sliding_window))
+        kv_tokens = ec.kv_cache_tokens
+        if kv_tokens is None:
+            if device.type != "cuda":
+                raise ValueError("EngineConfig.kv_cache_tokens must be set off cuda")
+            graph_sizes = []
+            if graphs_supported(model, device):
+                graph_sizes = [s for s in DEFAULT_GRAPH_SIZES if s < 2 * ec.max_num_seqs]
+            kv_tokens = kv_cache_tokens_from_memory(
+                model, ec.gpu_memory_utilization, ec.block_size, ec.max_num_seqs,
+                ec.max_num_batched_tokens, graph_sizes, device, dtype,
+                lambda line: print(line, file=sys.stderr, flush=True),
+            )
+        self.kv_cache_tokens = kv_tokens
+        full_blocks = math.ceil(kv_tokens / ec.block_size)
+        # A sliding layer keeps only the window (plus the step's chunk) per sequence.
+        blocks = blocks_per_group(
+            config, full_blocks, ec.block_size, ec.max_num_seqs, ec.max_num_batched_tokens
+        )
+        groups = [
+            KVGroup(name=spec.name, sliding_window=spec.sliding_window)
+            for spec in config.kv_groups
+        ]
         self.kv = KVCacheManager(
             groups, ec.block_size, blocks, enable_prefix_caching=ec.enable_prefix_caching
         )
