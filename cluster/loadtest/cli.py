@@ -6,6 +6,8 @@
     tandem loadtest ... --concurrency 16                          # closed loop
     tandem loadtest ... --workload chat --conversations 32 --turns 5 --think 2
     tandem loadtest ... --workload mooncake --trace trace.jsonl --time-scale 2
+    tandem loadtest --simulate ... [--speeds speeds.json]         # no server: size a
+                                                                  # GPU cluster (simulate.py)
 
 Sends only to --target. Prints a progress line a second on stderr and the summary as
 JSON on stdout; writes results.json, PNG plots and report.html into --out.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 from pathlib import Path
@@ -27,6 +30,7 @@ from tandem.cluster.loadtest.arrivals import RateSchedule, make_arrivals
 from tandem.cluster.loadtest.driver import Driver, RunLimits, stderr_progress
 from tandem.cluster.loadtest.replicas import ReplicaSampler
 from tandem.cluster.loadtest.report import SLO, summarize, write_report
+from tandem.cluster.loadtest.simulate import ReplicaSpeed, SimConfig, compare, write_simulation
 from tandem.cluster.loadtest.workloads import (
     Agentic,
     ChatSessions,
@@ -43,7 +47,13 @@ WORKLOADS = ("synthetic", "shared-prefix", "agentic", "chat", "mooncake")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loadtest", help="drive a running server with load and report")
-    p.add_argument("--target", required=True, help="HOST:PORT of the gRPC API")
+    p.add_argument("--target", help="HOST:PORT of the gRPC API (not with --simulate)")
+    p.add_argument("--simulate", action="store_true",
+                   help="replay the workload against the autoscaling policy in a simulation "
+                        "of GPU replicas instead of sending it (tandem.cluster.loadtest.simulate)")
+    p.add_argument("--speeds", help="--simulate: replica speeds JSON (default: 20b on H100)")
+    p.add_argument("--vocab-size", type=int, default=201088, help="--simulate: prompt ids")
+    p.add_argument("--max-model-len", type=int, default=131072, help="--simulate")
     p.add_argument("--api-key-env", default="TANDEM_API_KEY",
                    help="environment variable holding the API key, if any")
     p.add_argument("--out", required=True, help="directory for results.json, plots, report")
@@ -112,7 +122,39 @@ def _workload(args: argparse.Namespace, vocab: Vocab, cap: int) -> Workload | Ch
                          length_scale=args.length_scale)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    try:
+        schedule = (RateSchedule.parse(args.schedule) if args.schedule
+                    else RateSchedule.constant(args.rate or 1.0, args.duration))
+        arrivals = make_arrivals(args.arrival, schedule, args.cv).times(args.seed + 1)
+        workload = _workload(args, Vocab(args.vocab_size), args.max_model_len // 2)
+        speed = ReplicaSpeed.from_json(args.speeds) if args.speeds else ReplicaSpeed()
+    except (ValueError, OSError, TypeError) as err:
+        raise SystemExit(f"tandem loadtest --simulate: {err}") from None
+    if isinstance(workload, ChatSessions) or args.concurrency:
+        raise SystemExit("tandem loadtest --simulate: open-loop workloads only (no chat, "
+                         "no --concurrency)")
+    rows = []
+    for request in itertools.islice(workload.requests(args.seed), args.max_requests):
+        at = request.at_s if request.at_s is not None else next(arrivals, None)
+        if at is None or at >= (schedule.duration_s if args.schedule else args.duration):
+            break
+        rows.append((at, len(request.prompt_ids), request.max_tokens))
+    config = SimConfig(speed=speed, slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
+    result = compare(config, rows)
+    write_simulation(args.out, result)
+    brief = {k: {f: v[f] for f in ("requests", "gpu_hours", "attainment", "ttft_p99_s",
+                                   "itl_p99_s", "peak")}
+             for k, v in result.items() if isinstance(v, dict)}
+    print(json.dumps({**brief, "gpu_hours_saved": result["gpu_hours_saved"]}))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.simulate:
+        return _simulate(args)
+    if not args.target:
+        raise SystemExit("tandem loadtest: --target HOST:PORT is required (or --simulate)")
     key = os.environ.get(args.api_key_env)
     metadata = (("authorization", f"Bearer {key}"),) if key else ()
     try:
