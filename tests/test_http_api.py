@@ -927,3 +927,38 @@ def test_engine_failure_mid_response_stream_is_an_error_event(faulty):
     events = first + rest
     assert events[-1].type == "error" and "unavailable" in events[-1].message
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_replayed_required_tool_choice_lets_the_model_name_the_function(replay):
+    client, backend = replay(
+        ["get_weather", " ", "<|constrain|>", "json", "<|message|>", CALL_ARGS, "<|call|>"]
+    )
+    done = _chat(client, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=64)
+    (call,) = done.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", CALL_ARGS)
+    tok = backend.tokenizer
+    tail = harmony_ids(tok, ["<|start|>", "assistant", "<|channel|>", "commentary to=functions."])
+    assert list(backend.requests[0].prompt_token_ids)[-len(tail) :] == tail
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=USER, tool_choice="required")
+    assert info.value.param == "tool_choice"
+
+
+def test_replayed_responses_named_tool_choice(replay):
+    client, backend = replay([CALL_ARGS, "<|call|>"])
+    tool = TOOLS[0]["function"] | {"type": "function"}
+    done = client.responses.create(
+        model=MODEL,
+        input="Weather?",
+        tools=[tool],
+        max_output_tokens=64,
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    strict(Response, done)
+    (call,) = done.output
+    assert (call.type, call.name, call.arguments) == ("function_call", "get_weather", CALL_ARGS)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(
+            model=MODEL, input="x", tools=[tool], tool_choice={"type": "function", "name": "no"}
+        )
+    assert info.value.param == "tool_choice"

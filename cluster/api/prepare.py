@@ -238,19 +238,25 @@ def conversation(
 
 @dataclass(frozen=True)
 class ForcedCall:
-    """The assistant turn starts already addressed to a function (tool_choice naming
-    one): the prompt ends inside the call's header, so the model writes only the JSON
-    arguments. `header_ids` are the tokens appended after <|start|>assistant; the output
+    """The assistant turn starts already addressed to a function (tool_choice): the
+    prompt ends inside the call's header. Naming the function, the header is complete and
+    the model writes only the JSON arguments; with `name` None ("required": some
+    function), the header stops after "to=functions." and the model names the function
+    (one of those offered, as far as the model follows its prompt: nothing constrains the
+    sampling). `header_ids` are the tokens appended after <|start|>assistant; the output
     parser is fed them first, so it sees the whole message."""
 
-    name: str
+    name: str | None
     header_ids: tuple[int, ...]
 
 
-def forced_call(name: str, tokenizer: Tokenizer) -> ForcedCall:
+def forced_call(name: str | None, tokenizer: Tokenizer) -> ForcedCall:
     """The header gpt-oss itself writes for a call: <|channel|>commentary
-    to=functions.NAME <|constrain|>json<|message|>."""
+    to=functions.NAME <|constrain|>json<|message|> (up to "to=functions." for None)."""
     sp = tokenizer.special
+    if name is None:
+        ids = [sp.channel, *tokenizer.encode("commentary to=functions.")]
+        return ForcedCall(None, tuple(ids))
     ids = [sp.channel, *tokenizer.encode(f"commentary to=functions.{name} ")]
     ids += [sp.constrain, *tokenizer.encode("json"), sp.message]
     return ForcedCall(name, tuple(ids))

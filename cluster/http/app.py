@@ -259,7 +259,8 @@ class OpenAIFront:
         model = self._check_model(body.model)
         tok = self.backend.tokenizer
         conv = responses.conversation(body, self._text_limit)
-        prompt = await asyncio.to_thread(prepare.chat_prompt, conv, tok)
+        forced = responses.forced_call(body, tok)
+        prompt = await asyncio.to_thread(prepare.chat_prompt, conv, tok, forced)
         given = responses.sampling(body)
         stop_ids = tuple(body.stop_token_ids or ())
         params = self._params(
@@ -271,7 +272,7 @@ class OpenAIFront:
         deadline = self._deadline(request)
         engine_id = prepare.request_id(body.request_id)
         stream, first = await self._open(engine_id, prompt, params, deadline)
-        splitter = ChatSplitter(tok)
+        splitter = ChatSplitter(tok, forced.header_ids if forced else ())
         builder = responses.ResponseBuilder(body, model)
         if body.stream:
 

@@ -128,10 +128,9 @@ def prepare_chat(
     if choice == "none":
         tools = []  # the model is not told of any tool, so it calls none
     elif choice == "required":
-        raise InvalidRequestError(
-            "tool_choice",
-            "tool_choice: 'required' needs constrained decoding; name the function instead",
-        )
+        if not tools:
+            raise InvalidRequestError("tool_choice", "tool_choice: 'required' needs tools")
+        forced = prepare.forced_call(None, tokenizer)
     elif choice is not None and choice != "auto":
         name = choice.function.name
         if name not in {t.name for t in tools}:

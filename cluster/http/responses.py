@@ -33,6 +33,7 @@ from tandem.workers.text.harmony import (
     ReasoningDelta,
     ToolCallDelta,
 )
+from tandem.workers.text.tokenizer import Tokenizer
 
 
 def _new_id(prefix: str) -> str:
@@ -131,10 +132,6 @@ def conversation(body: ResponsesRequest, text_limit: int) -> Conversation:
         tools.append(prepare.tool(f"tools[{i}]", t.name, t.description or "", t.parameters))
     if body.tool_choice == "none":
         tools = []
-    elif body.tool_choice not in (None, "auto"):
-        raise InvalidRequestError(
-            "tool_choice", "tool_choice: only 'auto' and 'none' are supported here"
-        )
     effort = body.reasoning.effort if body.reasoning and body.reasoning.effort else "medium"
     return prepare.conversation(
         messages,
@@ -144,6 +141,30 @@ def conversation(body: ResponsesRequest, text_limit: int) -> Conversation:
         text_limit=text_limit,
         messages_field="input",
     )
+
+
+def forced_call(body: ResponsesRequest, tokenizer: Tokenizer) -> prepare.ForcedCall | None:
+    """tool_choice "required" or {"type": "function", "name": ...}: the turn starts as a
+    call (prepare.ForcedCall); "auto", "none" or absent: None."""
+    choice = body.tool_choice
+    if choice in (None, "auto", "none"):
+        return None
+    names = {t.name for t in body.tools or ()}
+    if choice == "required":
+        if not names:
+            raise InvalidRequestError("tool_choice", "tool_choice: 'required' needs tools")
+        return prepare.forced_call(None, tokenizer)
+    name = choice.get("name") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function" and name):
+        raise InvalidRequestError(
+            "tool_choice",
+            "tool_choice: give 'auto', 'none', 'required' or a function by name",
+        )
+    if name not in names:
+        raise InvalidRequestError(
+            "tool_choice", f"tool_choice: {name!r} is not one of the request's tools"
+        )
+    return prepare.forced_call(name, tokenizer)
 
 
 def sampling(body: ResponsesRequest) -> dict[str, Any]:
@@ -201,7 +222,7 @@ class ResponseBuilder:
             "instructions": b.instructions,
             "max_output_tokens": b.max_output_tokens,
             "parallel_tool_calls": bool(b.parallel_tool_calls),
-            "tool_choice": b.tool_choice if isinstance(b.tool_choice, str) else "auto",
+            "tool_choice": b.tool_choice if b.tool_choice is not None else "auto",
             "tools": [
                 {
                     "type": "function",
