@@ -136,9 +136,12 @@ def _simulate(args: argparse.Namespace) -> int:
                          "no --concurrency)")
     rows = []
     for request in itertools.islice(workload.requests(args.seed), args.max_requests):
-        at = request.at_s if request.at_s is not None else next(arrivals, None)
-        if at is None or at >= (schedule.duration_s if args.schedule else args.duration):
-            break
+        if request.at_s is not None:  # a trace keeps its own clock, whole
+            at = request.at_s
+        else:
+            at = next(arrivals, None)
+            if at is None or at >= (schedule.duration_s if args.schedule else args.duration):
+                break
         rows.append((at, len(request.prompt_ids), request.max_tokens))
     config = SimConfig(speed=speed, slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
     result = compare(config, rows)
