@@ -239,3 +239,19 @@ def test_idle_past_the_timeout_then_a_hung_follower(tiny_model_dir, reference):
         if follower.poll() is None:
             follower.kill()
         engine.runner.close()
+
+
+def test_follower_that_fails_to_load_fails_the_start(tmp_path):
+    """A checkpoint whose only bad bytes lie in rank 1's experts: rank 0 loads its half,
+    rank 1 refuses its own and exits, and the start fails naming it (no hang)."""
+    from safetensors.torch import load_file, save_file
+
+    config = tiny_config(num_local_experts=4, num_experts_per_tok=2)
+    path = write_random_checkpoint(tmp_path, config, seed=3)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.2.mlp.experts.gate_up_proj_scales"][3, 0, 0] = 255  # NaN in E8M0
+    save_file(tensors, str(path / "model.safetensors"))
+    ep = ExpertParallelConfig(size=2, placement="contiguous", timeout_s=30,
+                              start_timeout_s=120)
+    with pytest.raises(ExpertParallelFailure, match="rank 1 exited with code 1"):
+        build_engine(path, ENGINE, ep)
