@@ -9,7 +9,7 @@ The group is the process's default (world) group: a worker process belongs to ex
 one expert-parallel group, and the model's collectives use it. KV-transfer pairs build
 their own groups without the world group (workers/disagg/transfer/pair.py), so the two
 never meet. The store listens on loopback only (host_store binds it there) and has no
-authentication; it lives only until the group is up.
+authentication; the group keeps it (its PrefixStore) for as long as the group lives.
 
 Timeouts: every collective is bounded by `timeout_s` (gloo raises; NCCL's watchdog
 aborts), so a rank that stops answering fails the others' step instead of hanging them;

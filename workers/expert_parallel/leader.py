@@ -11,8 +11,9 @@ group, broadcasts every step, keeps them alive while idle, and notices when one 
 
 Bounds: a dead follower (closed sockets) fails rank 0's next collective at once on gloo;
 one that hangs fails it after timeout_s (the group's timeout). So a step never blocks
-longer than timeout_s per collective and health turns false within the heartbeat
-interval plus timeout_s even when idle.
+longer than timeout_s per collective. Health (check_alive) turns false at once for a
+follower that exited, idle or not (its process is polled); a hung follower shows at the
+next step, after timeout_s (a heartbeat broadcast from rank 0 may complete without it).
 """
 
 from __future__ import annotations
