@@ -25,7 +25,10 @@ Contract with the scheduler (paired check/act, nothing here decides *what* to ru
   * `find_cached_prefix` and `can_allocate` never mutate;
   * the first `allocate` of a request treats tokens [0, request.num_computed_tokens) as a
     prefix hit that `find_cached_prefix` reported just before (takes those blocks); later
-    calls only extend the tables;
+    calls only extend the tables; `try_extend` is check-and-extend in one pass for a
+    request that holds blocks (the per-step path: its cost does not grow with context);
+  * block tables are kept as block ids beside the blocks, changed with them, so
+    `block_table` copies a list instead of rebuilding it;
   * after the step ran: `cache_full_blocks` then `release_out_of_window`;
   * `free` returns every block the request holds; a request with no blocks is not known here.
 """
