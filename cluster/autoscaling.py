@@ -37,6 +37,11 @@ the tolerance leaves a gap between the two thresholds, so a pool of 1 or 2 repli
 not flap: after a step down the remaining replicas are under the up threshold by
 construction.
 
+A queue alone reacts late (only once a backlog has built) and over-shoots (the backlog,
+not the demand, sets the count, bench/RESULTS.md "Cluster sizing by simulation"): the
+prefill pool also targets `prompt_tokens_per_s`, the prompt tokens arriving at a replica
+per second over the last 5 s, against what a replica computes with headroom.
+
 Prefill scales on queued prompt tokens (work admitted but not yet computed, which is
 what TTFT waits on) and waiting requests; decode on KV-cache use and running sequences
 (what inter-token latency and admission depend on). The module imports no torch and
@@ -50,7 +55,7 @@ from typing import Any
 
 # The figures a worker replica reports: load (summed over replicas for `targets`) and
 # its recent time from arrival to first token (90th percentile, for `slo`).
-LOAD_METRICS = ("queued_prompt_tokens", "waiting", "running", "kv_usage")
+LOAD_METRICS = ("queued_prompt_tokens", "waiting", "running", "kv_usage", "prompt_tokens_per_s")
 LATENCY_METRICS = ("ttft_s",)
 REPORTED_METRICS = LOAD_METRICS + LATENCY_METRICS
 

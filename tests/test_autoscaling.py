@@ -59,6 +59,14 @@ def test_a_latency_over_its_slo_votes_up_never_down():
         PoolAutoscaler({"ttft_s": 1.0})
 
 
+def test_prompt_arrival_rate_sizes_the_pool_before_a_queue_builds():
+    policy = PoolAutoscaler({**PREFILL, "prompt_tokens_per_s": 1000})
+    # queues empty, but 3,400 prompt tokens a second arrive at two replicas: 3.4 worth
+    arriving = {**_metrics(queued_prompt_tokens=[0, 0], waiting=[0, 0]),
+                "prompt_tokens_per_s": {"r0": 1700.0, "r1": 1700.0}}
+    assert policy.decide(2, arriving) == 4
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="targets.tokens: not a reported metric"):
         PoolAutoscaler({"tokens": 1})

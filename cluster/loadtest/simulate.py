@@ -91,7 +91,10 @@ class PoolPlan:
 @dataclass(frozen=True)
 class SimConfig:
     speed: ReplicaSpeed = ReplicaSpeed()
-    prefill: PoolPlan = PoolPlan({"queued_prompt_tokens": 16384, "waiting": 8})
+    # the chart's defaults: a replica at 70% of its prefill rate counts as full
+    prefill: PoolPlan = PoolPlan(
+        {"queued_prompt_tokens": 16384, "waiting": 8, "prompt_tokens_per_s": 29_000}
+    )
     decode: PoolPlan = PoolPlan({"kv_usage": 0.75, "running": 192})
     control_period_s: float = 10.0
     startup_s: float = 60.0
@@ -121,6 +124,8 @@ class _Replica:
     gone_at: float | None = None
     queue: deque = field(default_factory=deque)  # prefill: FIFO; decode: waiting
     queued_tokens: int = 0
+    # prefill: (time, prompt tokens) of the arrivals, for prompt_tokens_per_s
+    arrived: deque = field(default_factory=deque)
     # decode: the running requests as a heap of (step they finish at, seq, request);
     # every step gives each of them one token
     running: list = field(default_factory=list)
@@ -142,7 +147,7 @@ class _Pool:
         n = static if static is not None else plan.min_replicas
         self.replicas = [_Replica(ready_at=t0) for _ in range(n)]
         self.static = static is not None
-        self.wish: tuple[int, float] | None = None  # (target, since)
+        self.wish: tuple[int, float] | None = None  # (direction, since)
         self.history: list[tuple[float, int]] = [(t0, n)]
 
     def live(self, t: float) -> list[_Replica]:
@@ -196,6 +201,7 @@ class Simulation:
         replica = self.prefill.choose(t, key=lambda r: r.queued_tokens)
         replica.queue.append(req)
         replica.queued_tokens += req.isl
+        replica.arrived.append((t, req.isl))
         self._start_prefill(max(t, replica.ready_at), replica)
 
     def _start_prefill(self, t: float, replica: _Replica) -> None:
@@ -275,8 +281,11 @@ class Simulation:
             if want == current:
                 pool.wish = None
                 continue
-            if pool.wish is None or pool.wish[0] != want:
-                pool.wish = (want, t)
+            # as Serve does: a wish counts from when the pool first wanted to move this
+            # way (up or down), whatever count it wants now
+            direction = 1 if want > current else -1
+            if pool.wish is None or pool.wish[0] != direction:
+                pool.wish = (direction, t)
             delay = pool.plan.upscale_delay_s if want > current else pool.plan.downscale_delay_s
             if t - pool.wish[1] < delay:
                 continue
@@ -294,9 +303,15 @@ class Simulation:
             self._at(t + c.control_period_s, "control")
 
     def _prefill_metrics(self, t: float) -> dict[str, dict[int, float]]:
+        """As a prefill replica reports them (prompt tokens arriving: over the last 5 s)."""
         ready = [r for r in self.prefill.live(t) if r.ready_at <= t]
+        for r in self.prefill.replicas:
+            while r.arrived and r.arrived[0][0] < t - 5.0:
+                r.arrived.popleft()
         return {"queued_prompt_tokens": {id(r): r.queued_tokens for r in ready},
-                "waiting": {id(r): len(r.queue) for r in ready}}
+                "waiting": {id(r): len(r.queue) for r in ready},
+                "prompt_tokens_per_s": {id(r): sum(n for _, n in r.arrived) / 5.0
+                                        for r in ready}}
 
     def _decode_metrics(self, t: float) -> dict[str, dict[int, float]]:
         ready = [r for r in self.decode.live(t) if r.ready_at <= t]

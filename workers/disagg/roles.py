@@ -178,8 +178,9 @@ def _object(text: str, what: str) -> dict:
 
 
 class RecentLatency:
-    """Latencies of the last `window_s` seconds; their 90th percentile (0 with none) is
-    what a worker reports to its pool's autoscaler as `ttft_s`."""
+    """Latencies of the last `window_s` seconds: their 90th percentile (0 with none) is
+    what a worker reports to its pool's autoscaler as `ttft_s`; their count per second
+    (with `add(amount)` as a weight, see `rate`), for `prompt_tokens_per_s`."""
 
     def __init__(
         self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic
@@ -188,9 +189,14 @@ class RecentLatency:
         self._clock = clock
         self._samples: deque[tuple[float, float]] = deque()
 
-    def add(self, seconds: float) -> None:
-        self._samples.append((self._clock(), seconds))
+    def add(self, value: float) -> None:
+        self._samples.append((self._clock(), value))
         self._prune()
+
+    def rate(self) -> float:
+        """The sum of the values added in the window, per second."""
+        self._prune()
+        return sum(v for _, v in self._samples) / self.window_s
 
     def p90(self) -> float:
         self._prune()
@@ -209,8 +215,10 @@ class _Worker:
     def __init__(self, engine: AsyncLLMEngine, replica_id: str, model_id: str) -> None:
         self.engine = engine
         self.replica_id = replica_id
-        # arrival here to the first token, for the autoscaler's latency signal
+        # arrival here to the first token, and prompt tokens arriving: the autoscaler's
+        # latency and demand signals
         self.start_latency = RecentLatency()
+        self.prompt_arrivals = RecentLatency()
         core = engine.engine
         self.layout = KVLayout.from_config(
             core.config, model=model_id, dtype=core.dtype, block_size=core.engine_config.block_size
@@ -224,7 +232,11 @@ class _Worker:
         return await self.engine.check_health()
 
     def metrics(self) -> dict[str, float]:
-        return {**self.engine.metrics(), "ttft_s": self.start_latency.p90()}
+        return {
+            **self.engine.metrics(),
+            "ttft_s": self.start_latency.p90(),
+            "prompt_tokens_per_s": self.prompt_arrivals.rate(),
+        }
 
     def load(self) -> WorkerLoad:
         m = self.engine.metrics()
@@ -278,6 +290,7 @@ class PrefillWorker(_Worker):
         Cancelling it aborts the request and abandons its transfer."""
         msg = PrefillMessage.from_json(request_json)
         started = time.monotonic()
+        self.prompt_arrivals.add(len(msg.prompt_token_ids))
         request_id = self.engine.call(
             lambda e: e.add_prefill_request(
                 msg.prompt_token_ids, msg.params, f"prefill:{msg.request_id}", msg.ticket
@@ -346,6 +359,7 @@ class DecodeWorker(_Worker):
         computed there unless it is short; without, it is computed here."""
         msg = GenerateMessage.from_json(request_json)
         started = time.monotonic()
+        self.prompt_arrivals.add(len(msg.prompt_token_ids))
         served = ServedInfo(decode_replica=self.replica_id)
         slot = None
         if prefill is not None:
