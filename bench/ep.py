@@ -57,14 +57,14 @@ from tandem.workers.model.moe import MoEWeights  # noqa: E402
 from tandem.workers.model.triton_backends import make_backends  # noqa: E402
 
 SHAPES = {  # experts, top_k, d_model, d_ff
-    "smoke": (8, 2, 128, 128),
+    "smoke": (8, 3, 128, 128),  # top-3: the EP sums run in another order than one process's
     "20b": (32, 4, 2880, 2880),
     "120b": (128, 4, 2880, 2880),
 }
 SWIGLU_LIMIT = 7.0
 
 
-def expert_tensors(e: int, d: int, i: int, dtype: torch.dtype, device) -> dict:
+def expert_tensors(e: int, d: int, i: int, dtype: torch.dtype) -> dict:
     """Expert e's packed weights and biases, the same on every rank (seeded by e)."""
     gen = torch.Generator().manual_seed(1000 + e)
     return {
@@ -76,7 +76,7 @@ def expert_tensors(e: int, d: int, i: int, dtype: torch.dtype, device) -> dict:
         "down_blocks": torch.randint(0, 256, (d, i // 32, 16), generator=gen, dtype=torch.uint8),
         "down_scales": torch.randint(118, 123, (d, i // 32), generator=gen, dtype=torch.uint8),
         "down_bias": torch.randn(d, generator=gen).to(dtype),
-    } | {"device": device}
+    }
 
 
 def layer(experts: list[int], num_experts: int, d: int, i: int, dtype, device) -> MoEWeights:
@@ -84,15 +84,16 @@ def layer(experts: list[int], num_experts: int, d: int, i: int, dtype, device) -
     gen = torch.Generator().manual_seed(7)
     router_w = (torch.randn(num_experts, d, generator=gen) / math.sqrt(d)).to(dtype)
     router_b = torch.randn(num_experts, generator=gen).to(dtype)
-    parts = [expert_tensors(e, d, i, dtype, device) for e in experts]
+    parts = [expert_tensors(e, d, i, dtype) for e in experts]
     names = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales",
              "down_bias")
     stacked = {}
     for name in names:
-        rows = [p[name] for p in parts]
-        stacked[name] = (torch.stack(rows) if rows else torch.empty(
-            (0, *expert_tensors(0, d, i, dtype, "cpu")[name].shape),
-            dtype=expert_tensors(0, d, i, dtype, "cpu")[name].dtype)).to(device)
+        if parts:
+            stacked[name] = torch.stack([p[name] for p in parts]).to(device)
+        else:  # a rank without experts (E < N)
+            like = expert_tensors(0, d, i, dtype)[name]
+            stacked[name] = like.new_empty((0, *like.shape)).to(device)
     return MoEWeights(router_weight=router_w.to(device), router_bias=router_b.to(device),
                       **stacked)
 
