@@ -1,8 +1,8 @@
 """Serving speed of the whole engine: requests in, detokenized text out, one process.
 
-    python3 -m bench.serving            # on a CUDA machine, from the repository root
-    python3 -m bench.serving --smoke    # tiny shape on CPU (torch backends), a few seconds
-    python3 -m bench.serving --cases single,step,tput256   # a subset, in that order
+    python3 bench/serving.py            # on a CUDA machine
+    python3 bench/serving.py --smoke    # tiny shape on CPU (torch backends), about a minute
+    python3 bench/serving.py --cases single,step,tput256   # a subset, in that order
 
 What runs: `LLMEngine` (scheduler, KV cache manager, model runner with the Triton
 backends and CUDA graphs, sampler, detokenizer, stop checks) on a gpt-oss-20b-shaped
@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -48,18 +49,6 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_e2e import (
-    GPT_OSS_20B,
-    MEASURED_BANDWIDTH,
-    Plan,
-    Workload,
-    commit,
-    decode_floor,
-    fill_random_,
-    make_runner,
-    median_seconds,
-    random_ids,
-)
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine, ModelFacts
 from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.model.gpt_oss import GptOssModel
@@ -67,6 +56,26 @@ from tandem.workers.model.triton_backends import make_backends
 from tandem.workers.synthetic.checkpoint_writer import tiny_config
 from tandem.workers.synthetic.tokenizer_training import train_tiny_tokenizer
 from tandem.workers.text.tokenizer import Tokenizer, _bytes_to_unicode
+
+
+def _sibling(name: str):
+    """bench/<name>.py as a module. bench/ is no package and our code is imported only as
+    `tandem.*` (tests/test_packaging.py), so the sibling is loaded from its path."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}",
+                                                  Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# The 20b shape, random weights, runner-alone workload and floors of the runner benchmark.
+_e2e = _sibling("gpu_e2e")
+GPT_OSS_20B, MEASURED_BANDWIDTH, Plan, Workload = (
+    _e2e.GPT_OSS_20B, _e2e.MEASURED_BANDWIDTH, _e2e.Plan, _e2e.Workload)
+commit, decode_floor, fill_random_, make_runner, median_seconds, random_ids = (
+    _e2e.commit, _e2e.decode_floor, _e2e.fill_random_, _e2e.make_runner, _e2e.median_seconds,
+    _e2e.random_ids)
 
 # Output tok/s, gpt-oss-20b 1k/1k, TensorRT-LLM's published max throughput (PERFORMANCE.md).
 TRT_LLM_1K1K = {"H100": 11557.0, "H200": 13858.0}
