@@ -21,16 +21,19 @@ What is real and what is modelled:
            next turn reuses the answer) and the blocks are freed, tail first (as the engine
            frees them). Heartbeats: every --heartbeat-s, phases staggered.
 
-Load: the rate at which sessions start is set so that the *unique* prompt work (tokens in
-blocks nothing computed before, counting answers as computed) is `load` x the pool's
-prefill rate: at load 0.8 a router reusing every reusable block keeps the pool 80% busy.
+Load: a calibration run of the clairvoyant router (at the rate where the unique prompt
+work, tokens in blocks nothing computed before, is half the pool's prefill rate) measures
+the share of prompt tokens it computes; the session rate is then set so that the
+clairvoyant router's prefill would be `load` busy, and every router serves that trace.
 Cache sizes are fractions of the working set (time-average of the tokens of live content:
 a conversation from its start to its last turn, a document from its first to its last
 use, at nominal times), per replica: tight 0.25, scarce 0.5, medium 1, ample 4.
 
 Routers: round_robin, least_loaded and prefix_aware (the project's policies through place());
-clairvoyant (true caches and queues: among the replicas within the imbalance bound of true
-outstanding requests, the longest truly cached prefix, then the smallest predicted TTFT);
+prefix_aware_v0 (the placement before issue 20: kv_weight 0.05, max_imbalance 8, the max
+join of heartbeats and in-flight figures); clairvoyant (true caches and queues: among the
+replicas within 8 requests of the least outstanding, the longest truly cached prefix,
+then the smallest predicted TTFT);
 ray (a model of Ray Serve's PrefixCacheAffinityRouter, its documented defaults: an
 approximate per-replica prefix tree of what it routed, the best match when the queue
 lengths differ by less than 10 and the match rate is >= 0.1, else the replica with the
