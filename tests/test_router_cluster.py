@@ -182,9 +182,11 @@ def test_placement_config_is_validated_and_converted():
         # "/x": placement.x; "pool.x": placement.prefix_aware.pool.x.
         path = where[1:] if where.startswith("/") else f"prefix_aware.{where}"
         assert err.value.field == f"args.placement.{path}"
-    # The shipped file loads, with every knob spelled out.
+    # The shipped file loads, with every knob spelled out (the weights bench/router_sim.py
+    # chose: no KV term, a request bound of 16, both pools alike).
     shipped = load_app_config().settings.placement
-    assert shipped.decode_prefix_aware == PrefixAwareConfig(kv_weight=0.05, max_imbalance=8)
+    assert shipped.decode_prefix_aware == PrefixAwareConfig(kv_weight=0.0, max_imbalance=16)
+    assert shipped.prefill_prefix_aware == PrefixAwareConfig(max_imbalance=16)
 
 
 def test_router_metrics_refuse_unknown_pools():
