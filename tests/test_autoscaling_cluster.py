@@ -19,6 +19,7 @@ from tandem.cluster.loadtest.workloads import Lengths, Synthetic
 from tests.support.autoscale import (
     autoscale_cluster,
     run_deadlines,
+    run_drain,
     run_overload,
     run_phases,
     vocab_of,
@@ -46,6 +47,15 @@ def test_each_pool_scales_on_its_own_load(cluster, tmp_path):
     assert (out / "results.json").exists() and (out / "replicas.png").exists()
     seen = {(row.get("prefill", 0), row.get("decode", 0)) for row in summary["replicas"]}
     assert {(2, 1), (1, 2), (1, 1)} <= seen
+
+
+def test_a_replica_removed_by_a_scale_down_finishes_its_streams(cluster):
+    """Two long streams, one on each of two decode replicas, and nothing else: the pool
+    shrinks while they run (a replica is seen STOPPING), and both streams finish whole."""
+    records, saw_stopping = run_drain(cluster)
+    assert saw_stopping, "no decode replica was removed while the streams ran"
+    assert [r.status for r in records] == ["OK", "OK"], [(r.status, r.error) for r in records]
+    assert all(r.output_tokens == 1900 for r in records)
 
 
 def test_overload_is_refused_with_a_retry_after_and_nothing_is_lost(cluster):

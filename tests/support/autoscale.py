@@ -11,6 +11,7 @@ plots):
                          loop, then an open loop at a multiple of that capacity
     run_deadlines()      300 requests at once with 2 s deadlines, then the time until
                          every worker is idle
+    run_drain()          a decode replica removed by a scale-down while it streams
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from ray import serve
 
 from tandem.cluster.loadtest.arrivals import Constant, RateSchedule
 from tandem.cluster.loadtest.driver import Driver, RequestRecord, RunLimits
@@ -38,7 +41,8 @@ ENGINE = {
     "kv_cache_tokens": 4096,
     "max_num_seqs": 16,
     "max_num_batched_tokens": 64,
-    "max_model_len": 512,
+    # long enough for the drain scenario's streams to outlive a scale-down
+    "max_model_len": 2048,
 }
 # Admission bound of the cluster: about two unloaded prefills of the prompts used here.
 MAX_START_DELAY_S = 0.4
@@ -77,6 +81,8 @@ def autoscale_cluster(model_dir: str) -> Iterator[RunningCluster]:
             "DecodeServer": _policy({"running": 3}),
         },
         ingress_args={"max_start_delay_s": MAX_START_DELAY_S},
+        # a decode replica Serve removes finishes its streams first (the chart: 120 s)
+        deployment_options={"DecodeServer": {"graceful_shutdown_timeout_s": 120}},
     ) as cluster:
         yield cluster
 
@@ -112,6 +118,41 @@ def run_deadlines(cluster: RunningCluster) -> tuple[Counter, float]:
     times = Constant(RateSchedule.constant(600, 0.51)).times(5)
     asyncio.run(driver.open_loop(workload.requests(5), times))
     return Counter(r.status for r in driver.records), wait_until_idle(cluster, 5.0)
+
+
+def decode_replica_states(cluster: RunningCluster) -> dict[str, int]:
+    """Serve's view of the decode replicas: {"RUNNING": n, "STOPPING": m, ...}."""
+    deployments = serve.status().applications[cluster.app].deployments
+    return dict(deployments["DecodeServer"].replica_states)
+
+
+def run_drain(cluster: RunningCluster) -> tuple[list[RequestRecord], bool]:
+    """Grow the decode pool to 2 (the decode-heavy load of run_phases), then hold one
+    long stream on each decode replica and nothing else: the pool's load is 2/3 of one
+    replica's, so it shrinks while the streams run. Returns the two streams' records and
+    whether a decode replica was seen STOPPING while they ran."""
+    vocab = vocab_of(cluster)
+    origin = time.monotonic()
+    load = ClosedLoop(cluster.target, Synthetic(vocab, Lengths("8"), Lengths("64")), 8, 3,
+                      origin)
+    try:
+        wait_for(lambda: len(cluster.replicas("decode")) == 2, 60, "the decode pool to grow")
+    finally:
+        load.stop()
+    wait_for(lambda: idle(cluster), 30, "the growing load to finish")
+    streams = Driver(cluster.target, RunLimits(max_requests=2, duration_s=60, timeout_s=120),
+                     origin=origin)
+    long = Synthetic(vocab, Lengths("8"), Lengths("1900"))
+    job = threading.Thread(target=asyncio.run, args=(streams.concurrency(long.requests(4), 2),),
+                           daemon=True)
+    job.start()
+    stopping = False
+    deadline = time.monotonic() + 120
+    while job.is_alive() and time.monotonic() < deadline:
+        stopping |= decode_replica_states(cluster).get("STOPPING", 0) > 0
+        job.join(0.2)
+    job.join(10)
+    return streams.records, stopping
 
 
 class ClosedLoop:

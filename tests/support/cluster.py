@@ -167,11 +167,13 @@ def serve_cluster(
     model_id: str = "tiny",
     autoscaling: Mapping[str, Mapping[str, Any]] | None = None,
     ingress_args: Mapping[str, Any] | None = None,
+    deployment_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Iterator[RunningCluster]:
     """Start Redis, Ray and the app; yields once every worker is in the registry and
     every Ingress replica runs. `autoscaling` maps a deployment name to its Serve
     autoscaling_config (its pool then starts at min_replicas, which the counts given
-    must equal; Ray gets CPUs for max_replicas). With `http_port`, Serve's HTTP proxy
+    must equal; Ray gets CPUs for max_replicas); `deployment_options` adds Serve options
+    per deployment name. With `http_port`, Serve's HTTP proxy
     serves the app's OpenAI-compatible API there (on 127.0.0.1, routed at "/")."""
     with LocalRedis() as redis_server:
         port = free_port()
@@ -199,6 +201,7 @@ def serve_cluster(
                 "graceful_shutdown_timeout_s": 5,
                 # A killed replica is noticed (and replaced) within seconds.
                 "health_check_period_s": 1.0,
+                **(deployment_options or {}).get(name, {}),
             }
 
         http = http_port is not None
