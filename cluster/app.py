@@ -314,6 +314,7 @@ class Ingress:
                 tls_cert_file=grpc.tls_cert_file,
                 tls_key_file=grpc.tls_key_file,
                 health_port=grpc.health_port,
+                shared_port=grpc.shared_port,
             ),
         )
 

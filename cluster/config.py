@@ -92,6 +92,9 @@ class GrpcArgs(_Strict):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     health_port: int | None = Field(default=None, ge=1, le=65535)
+    # Several Ingress replicas on one machine share the port (SO_REUSEPORT); only for a
+    # one-host test cluster (ServerConfig.shared_port says why it is off by default).
+    shared_port: bool = False
 
 
 class DisaggArgs(_Strict):
@@ -172,6 +175,8 @@ class GrpcSettings:
     health_port: int | None = None
     # A plaintext listener serving only grpc.health.v1 (kubelet's grpc probes speak no
     # TLS); None: none.
+    shared_port: bool = False
+    # Ingress replicas on one machine share the port (SO_REUSEPORT): test clusters only.
 
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -285,6 +290,7 @@ class TandemSettings:
                 tls_cert_file=Path(g.tls_cert_file) if g.tls_cert_file else None,
                 tls_key_file=Path(g.tls_key_file) if g.tls_key_file else None,
                 health_port=g.health_port,
+                shared_port=g.shared_port,
             ),
             disagg=disagg,
             placement=_placement_settings(args.placement, disagg),

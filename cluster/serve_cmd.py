@@ -87,11 +87,11 @@ def check_one_ingress(config: AppConfig) -> None:
     count = options.get("num_replicas")
     if not isinstance(count, int):
         count = (options.get("autoscaling_config") or {}).get("max_replicas") or 1
-    if count > 1:
+    if count > 1 and not config.settings.grpc.shared_port:
         raise ConfigError(
             f"deployments.{INGRESS}",
             f"{count} Ingress replicas on one machine: each binds the gRPC port exclusively, "
-            "so `tandem serve` runs one",
+            "so `tandem serve` runs one (or set args.grpc.shared_port for a test cluster)",
         )
 
 

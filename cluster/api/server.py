@@ -104,6 +104,10 @@ class ServerConfig:
     health_port: int | None = None
     # A second, plaintext listener on `host` that serves only grpc.health.v1, for probes
     # that speak no TLS (kubelet's `grpc:` probes); None: no such listener. 0 picks one.
+    shared_port: bool = False
+    # Share the port with other servers (SO_REUSEPORT), for several Ingress replicas on
+    # one machine (a one-host test cluster). Off by default: a sharing listener lets any
+    # process of the same user bind the port too and take a share of the traffic.
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -460,9 +464,10 @@ def _bind(server: grpc.aio.Server, config: ServerConfig, port: int, tls: bool = 
     return bound
 
 
-def _exclusive_server(**kwargs: object) -> grpc.aio.Server:
-    # grpc's default for grpc.so_reuseport is on: any later server on the port would share it.
-    options = [("grpc.so_reuseport", 0), *kwargs.pop("options", ())]
+def _exclusive_server(shared: bool = False, **kwargs: object) -> grpc.aio.Server:
+    # grpc's default for grpc.so_reuseport is on: any later server on the port would share
+    # it. Off unless sharing is asked for (ServerConfig.shared_port).
+    options = [("grpc.so_reuseport", int(shared)), *kwargs.pop("options", ())]
     return grpc.aio.server(options=options, **kwargs)
 
 
@@ -501,6 +506,7 @@ class TandemServer:
     async def start(cls, backend: GenerationBackend, config: ServerConfig) -> TandemServer:
         interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
         server = _exclusive_server(
+            config.shared_port,
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", 2 * config.limits.max_request_bytes)],
         )

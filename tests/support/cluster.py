@@ -75,7 +75,8 @@ def app_args(
         "model": str(model_dir),
         "model_id": model_id,
         "redis_url": redis_url,
-        "grpc": {"host": "127.0.0.1", "port": port},
+        # several Ingress replicas of one test cluster share the port on this one host
+        "grpc": {"host": "127.0.0.1", "port": port, "shared_port": True},
         "disagg": dict(disagg or {"local_prefill_threshold": 32, "transfer_deadline_s": 10.0}),
         "placement": dict(placement),
         "engine": {"prefill": dict(engine), "decode": dict(engine)},
