@@ -23,17 +23,9 @@ import openai
 
 from tandem.cluster.client import TandemClient
 from tandem.workers.synthetic.tiny_model import default_model_dir
-from tests.support.cluster import free_port, serve_cluster, wait_for
+from tests.support.cluster import TEST_ENGINE, free_port, serve_cluster, wait_for
 
-ENGINE = {
-    "device": "cpu",
-    "dtype": "float32",
-    "block_size": 8,
-    "kv_cache_tokens": 4096,
-    "max_num_seqs": 16,
-    "max_num_batched_tokens": 128,
-    "max_model_len": 512,
-}
+ENGINE = TEST_ENGINE
 
 
 def _grpc(client: TandemClient, prompt: list[int], max_tokens: int) -> tuple[float, float]:

@@ -38,19 +38,12 @@ from tandem.cluster.redis_server import LocalRedis
 from tandem.workers.control_plane import KeySpace, WorkerRegistry
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
 from tandem.workers.engine.sampling_params import SamplingParams
+from tests.support.cluster import TEST_ENGINE
 from tests.support.serve_process import serve_process
 
 APP = "tandem-test"
 CLUSTER_NAME = "test"
-ENGINE = {
-    "device": "cpu",
-    "dtype": "float32",
-    "block_size": 8,
-    "kv_cache_tokens": 4096,
-    "max_num_seqs": 16,
-    "max_num_batched_tokens": 128,
-    "max_model_len": 512,
-}
+ENGINE = TEST_ENGINE
 THRESHOLD = 16
 TRANSFER_DEADLINE_S = 3.0
 GREEDY = {"temperature": 0.0, "ignore_eos": True}

@@ -44,22 +44,14 @@ from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.synthetic.tiny_model import TINY_MODEL_VERSION
 from tandem.workers.text.harmony import Conversation, Message, render_conversation
 from tests.support.api_server import EventLoopThread, new_backend
-from tests.support.cluster import free_port, serve_cluster, wait_for
+from tests.support.cluster import TEST_ENGINE, free_port, serve_cluster, wait_for
 from tests.support.replay_backend import ReplayBackend, harmony_ids
 
 REPO = Path(__file__).resolve().parents[1]
 # The embedded model's id as `tandem serve` names it (the README's curl example uses it).
 MODEL = f"tiny-gpt-oss-v{TINY_MODEL_VERSION}"
 API_KEY = "http-test-key-0123456789"
-ENGINE = {
-    "device": "cpu",
-    "dtype": "float32",
-    "block_size": 8,
-    "kv_cache_tokens": 4096,
-    "max_num_seqs": 16,
-    "max_num_batched_tokens": 128,
-    "max_model_len": 512,
-}
+ENGINE = TEST_ENGINE
 GREEDY = {"temperature": 0.0}
 TOOLS = [
     {

@@ -222,7 +222,7 @@ class Simulation:
         replica.queued_tokens -= req.isl
         replica.stepping = False
         self._start_prefill(t, replica)
-        self._retire(t, self.prefill, replica)
+        self._retire(t, replica)
         target = self.decode.choose(t, key=lambda r: len(r.running) + len(r.queue))
         target.queue.append(req)
         self._start_step(t, target)
@@ -263,11 +263,12 @@ class Simulation:
         while replica.running and replica.running[0][0] <= replica.steps:
             heapq.heappop(replica.running)[2].end = t
         self._start_step(t, replica)
-        self._retire(t, self.decode, replica)
+        self._retire(t, replica)
 
     # ------------------------------------------------------------------- scaling
 
-    def _retire(self, t: float, pool: _Pool, replica: _Replica) -> None:
+    def _retire(self, t: float, replica: _Replica) -> None:
+        """A draining replica leaves once it has nothing left to do."""
         if replica.draining and replica.gone_at is None and replica.idle():
             replica.gone_at = t
 
@@ -297,7 +298,7 @@ class Simulation:
                 busy = lambda r: len(r.running) + len(r.queue)  # noqa: E731
                 for replica in sorted(pool.live(t), key=busy)[: current - want]:
                     replica.draining = True
-                    self._retire(t, pool, replica)
+                    self._retire(t, replica)
             pool.history.append((t, want))
         if any(r.end is None for r in self.requests):
             self._at(t + c.control_period_s, "control")

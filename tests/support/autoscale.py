@@ -32,14 +32,10 @@ from tandem.cluster.loadtest.replicas import ReplicaSampler
 from tandem.cluster.loadtest.report import percentile
 from tandem.cluster.loadtest.workloads import Lengths, Synthetic, Vocab, Workload
 from tandem.workers.model.config import load_config
-from tests.support.cluster import RunningCluster, serve_cluster, wait_for
+from tests.support.cluster import TEST_ENGINE, RunningCluster, serve_cluster, wait_for
 
 ENGINE = {
-    "device": "cpu",
-    "dtype": "float32",
-    "block_size": 8,
-    "kv_cache_tokens": 4096,
-    "max_num_seqs": 16,
+    **TEST_ENGINE,
     "max_num_batched_tokens": 64,
     # long enough for the drain scenario's streams to outlive a scale-down
     "max_model_len": 2048,

@@ -34,6 +34,16 @@ from tandem.cluster.config import DECODE, INGRESS, PREFILL, parse_app_config, pa
 from tandem.cluster.redis_server import LocalRedis
 from tandem.workers.control_plane import WorkerRegistry
 
+# The engine of the tiny-model test clusters (each pool), unless a test needs another.
+TEST_ENGINE = {
+    "device": "cpu",
+    "dtype": "float32",
+    "block_size": 8,
+    "kv_cache_tokens": 4096,
+    "max_num_seqs": 16,
+    "max_num_batched_tokens": 128,
+    "max_model_len": 512,
+}
 # Generous bound for one stream on 2 shared cores; a hang fails instead of blocking.
 STREAM_TIMEOUT_S = 120.0
 
