@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.workers.control_plane import KVEvent, WorkerLoad
+from tandem.workers.disagg.peers import PeerGone, PeerWatch
 from tandem.workers.disagg.transfer import (
     KVLayout,
     KVLayoutMismatch,
@@ -55,6 +56,10 @@ class DisaggConfig:
     local_prefill_threshold: int = 32
     # Longest a decode worker waits for a prompt's KV before prefilling it itself.
     transfer_deadline_s: float = 10.0
+    # How often a decode worker asks whether the prefill peers it waits on are gone
+    # (dead, stopped, leaving; workers/disagg/peers.py): a gone peer costs a request this
+    # long at most, not the transfer deadline.
+    peer_check_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
@@ -63,9 +68,18 @@ class DisaggConfig:
             )
         if not self.transfer_deadline_s > 0:
             raise ValueError(f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
+        if not 0 < self.peer_check_interval_s < self.transfer_deadline_s:
+            raise ValueError(
+                "peer_check_interval_s must be > 0 and below transfer_deadline_s, "
+                f"got {self.peer_check_interval_s}"
+            )
 
 
 # ------------------------------------------------------------------------- messages
+
+
+# Version 2 added `output_token_ids`; a message without "version" is version 1.
+GENERATE_MESSAGE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,23 +89,36 @@ class GenerateMessage:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    output_token_ids: tuple[int, ...] = ()
+    # Tokens already sampled and streamed for this request by a decode worker that then
+    # failed: the worker resumes after them (stream migration, LLMEngine.add_request).
 
     def to_json(self) -> str:
         return json.dumps(
             {
+                "version": GENERATE_MESSAGE_VERSION,
                 "request_id": self.request_id,
                 "prompt_token_ids": list(self.prompt_token_ids),
                 "params": dataclasses.asdict(self.params),
+                "output_token_ids": list(self.output_token_ids),
             }
         )
 
     @classmethod
     def from_json(cls, text: str) -> GenerateMessage:
         data = _object(text, "generate message")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= GENERATE_MESSAGE_VERSION:
+            # A newer ingress may ask for what this worker cannot do; never half-do it.
+            raise ValueError(
+                f"generate message version {version!r} is not supported "
+                f"(1..{GENERATE_MESSAGE_VERSION})"
+            )
         return cls(
             request_id=str(data["request_id"]),
             prompt_token_ids=tuple(int(t) for t in data["prompt_token_ids"]),
             params=SamplingParams.from_dict(data["params"]),
+            output_token_ids=tuple(int(t) for t in data.get("output_token_ids", ())),
         )
 
 
@@ -325,9 +352,13 @@ class DecodeWorker(_Worker):
         model_id: str,
         host: str,
         config: DisaggConfig,
+        peers: PeerWatch | None = None,
     ):
+        """peers: which prefill peers are gone (None: every peer is waited for up to the
+        transfer deadline)."""
         super().__init__(engine, replica_id, model_id)
         self.config = config
+        self.peers = peers
         self.receiver = KVReceiver(replica_id, self.layout, engine.engine.runner.kv_caches, host)
         self.fallbacks = 0
         self.transfers = 0
@@ -342,9 +373,10 @@ class DecodeWorker(_Worker):
         replica_id: str,
         host: str,
         config: DisaggConfig,
+        peers: PeerWatch | None = None,
     ) -> DecodeWorker:
         engine = cls._load_engine(model_dir, engine_config)
-        return cls(engine, replica_id, Path(model_dir).name, host, config)
+        return cls(engine, replica_id, Path(model_dir).name, host, config, peers)
 
     @property
     def transfer_endpoint(self) -> str:
@@ -362,18 +394,26 @@ class DecodeWorker(_Worker):
         self.prompt_arrivals.add(len(msg.prompt_token_ids))
         served = ServedInfo(decode_replica=self.replica_id)
         slot = None
-        if prefill is not None:
+        if prefill is not None and not msg.output_token_ids:
+            # A resumed request is prefilled here: a prefill worker computes prompts only.
             slot = self.engine.call(
                 lambda e: e.add_remote_request(msg.prompt_token_ids, msg.params, msg.request_id)
             )
         if slot is None:
             self.engine.call(
-                lambda e: e.add_request(msg.prompt_token_ids, msg.params, msg.request_id)
+                lambda e: e.add_request(
+                    msg.prompt_token_ids, msg.params, msg.request_id, msg.output_token_ids
+                )
             )
         elif (
             len(msg.prompt_token_ids) - slot.num_cached_tokens < self.config.local_prefill_threshold
         ):
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
+        elif self.peers is not None and self.peers.is_gone(prefill_replica):
+            # Known gone (dead, stopped, leaving): no call, no wait.
+            self.fallbacks += 1
+            self.engine.call(lambda e: e.fail_remote(msg.request_id))
+            served = ServedInfo(self.replica_id, "", "fallback")
         else:
             served = await self._remote_prefill(msg, slot, prefill, prefill_replica)
         first = True
@@ -388,7 +428,8 @@ class DecodeWorker(_Worker):
 
         The prefill call returns once the last layer is handed to its sender; the blocks
         land here meanwhile. Any failure (the call errs or outlives the deadline, the
-        transfer breaks) leaves the blocks to a local prefill. Blocks are never freed
+        transfer breaks, the peer is found gone) leaves the blocks to a local prefill at
+        once. Blocks are never freed
         while a transfer may still write into them: the ticket is cancelled first, or,
         once receiving, the receive is let run out (it is bounded by the deadline).
         """
@@ -401,7 +442,7 @@ class DecodeWorker(_Worker):
         call = asyncio.ensure_future(prefill(request.to_json()))
         receiving = None
         try:
-            reply = json.loads(await asyncio.wait_for(call, timeout=deadline))
+            reply = json.loads(await asyncio.wait_for(self._reply(call, prefill_replica), deadline))
             receiving = asyncio.ensure_future(asyncio.to_thread(self.receiver.recv, ticket))
             result = await asyncio.shield(receiving)
         except asyncio.CancelledError:
@@ -415,7 +456,7 @@ class DecodeWorker(_Worker):
             await self._close_transfer(ticket, receiving)
             self.fallbacks += 1
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
-            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError):
+            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError | PeerGone):
                 logger.warning("prefill on %s failed, prefilling locally: %r", prefill_replica, err)
             return ServedInfo(self.replica_id, "", "fallback")
         elapsed = time.monotonic() - started
@@ -426,6 +467,12 @@ class DecodeWorker(_Worker):
         self.engine.deliver(out)
         cached = int(reply.get("cached_tokens", 0))
         return ServedInfo(self.replica_id, prefill_replica, "remote", elapsed, cached)
+
+    async def _reply(self, call: asyncio.Future, peer: str) -> str:
+        """The prefill call's reply; PeerGone as soon as the peer is found gone."""
+        if self.peers is None:
+            return await call
+        return await self.peers.race(call, peer)
 
     async def _close_transfer(self, ticket: TransferTicket, receiving) -> None:
         """After this, nothing more is written for `ticket` into this worker's cache."""

@@ -158,6 +158,8 @@ class _RequestState:
     ticket: TransferTicket | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Output tokens sampled by another engine before this one resumed the request.
+    num_resumed: int = 0
 
 
 @dataclass
@@ -175,6 +177,23 @@ class _InFlight:
     rows: dict[str, int]
     # Per row: index of its PENDING_TOKEN in request.output_token_ids (-1: none appended).
     slots: list[int] = field(default_factory=list)
+
+
+def _token_text(state: _RequestState, token: int, n_out: int) -> tuple[str, bool]:
+    """The text a request's newly sampled token releases (text that may start a stop
+    string held back), and whether the token ends the request, with `n_out` output tokens
+    counted (this one included). A stop token adds no text; like stop tokens, stop strings
+    only count once min_tokens have been generated."""
+    params = state.params
+    if token in state.stop_ids and n_out >= params.min_tokens:
+        return "", True
+    text = state.detokenizer.push([token])
+    if state.stop_strings is not None and n_out >= params.min_tokens:
+        check = state.stop_strings.feed(text)
+        text = check.text
+        if check.stop is not None:
+            return text + check.stop if params.include_stop_str_in_output else text, True
+    return text, False
 
 
 class LLMEngine:
@@ -303,9 +322,22 @@ class LLMEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        output_token_ids: Sequence[int] = (),
     ) -> str:
-        """Admit a request; raises SamplingParamsError naming the field when it is invalid."""
-        state = self._new_state(prompt_token_ids, params, request_id, prefill_only=False)
+        """Admit a request; raises SamplingParamsError naming the field when it is invalid.
+
+        `output_token_ids` resumes a request another engine began (stream migration): the
+        tokens it already sampled, and streamed, for this prompt and these params. The
+        request then continues exactly as that engine would have: it is admitted like a
+        request preempted here (prompt and output prefilled again, from a prefix-cache hit,
+        see tandem.workers.engine.request), max_tokens and min_tokens count those tokens,
+        penalties see them, the detokenizer and the stop strings have consumed them (text
+        held back there is held back here), and a seeded generator has made their draws.
+        Only tokens after them are streamed.
+        """
+        state = self._new_state(
+            prompt_token_ids, params, request_id, prefill_only=False, resumed=output_token_ids
+        )
         return self._admit(state, self.scheduler.add)
 
     def add_prefill_request(
@@ -383,16 +415,26 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None,
         prefill_only: bool,
+        resumed: Sequence[int] = (),
     ) -> _RequestState:
         prompt = [int(t) for t in prompt_token_ids]
+        output = [int(t) for t in resumed]
         params.check_against_model(len(prompt), self.facts.max_model_len, self.config.vocab_size)
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
+        for name, ids in (("prompt", prompt), ("output_token_ids", output)):
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise SamplingParamsError(
+                    name,
+                    bad[0],
+                    f"{name} token id {bad[0]} is outside the vocabulary "
+                    f"(size {self.config.vocab_size})",
+                )
+        if len(output) >= params.max_tokens:
             raise SamplingParamsError(
-                "prompt",
-                bad[0],
-                f"prompt token id {bad[0]} is outside the vocabulary "
-                f"(size {self.config.vocab_size})",
+                "output_token_ids",
+                len(output),
+                f"output_token_ids must be fewer than max_tokens={params.max_tokens}, "
+                f"got {len(output)} (the request is already complete)",
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._states:
@@ -409,8 +451,9 @@ class LLMEngine:
             max_tokens=params.max_tokens,
             sampling=params,
             prefill_only=prefill_only,
+            output_token_ids=output,
         )
-        return _RequestState(
+        state = _RequestState(
             request=request,
             params=params,
             generator=generator,
@@ -419,7 +462,30 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stop_strings=StopStringMatcher(params.stop) if params.stop else None,
             arrival=time.monotonic(),
+            num_resumed=len(output),
         )
+        if output:
+            self._replay(state)
+        return state
+
+    def _replay(self, state: _RequestState) -> None:
+        """Bring a resumed request's state to where the engine that sampled its output
+        left it: every token once through the stop rules and the detokenizer (their text
+        was streamed already and is dropped here; what that engine held back stays held
+        back), and one draw of a seeded generator per token, as `_run_sync` and
+        `complete_remote` make one per sampled token of a random request."""
+        advance = state.generator is not None and not state.params.is_greedy
+        for n_out, token in enumerate(state.request.output_token_ids, start=1):
+            _, stops = _token_text(state, token, n_out)
+            if stops:
+                raise SamplingParamsError(
+                    "output_token_ids",
+                    n_out,
+                    f"output_token_ids stop the request at token {n_out} of "
+                    f"{state.num_resumed} (the request is already complete)",
+                )
+            if advance:
+                advance_generator(state.generator, self.config.vocab_size, self.device)
 
     def _admit(self, state: _RequestState, admit) -> str | None:
         """Register the state and hand the request to the scheduler (`add`, `add_remote`);
@@ -672,21 +738,9 @@ class LLMEngine:
         """Apply the stop rules to a newly sampled token and build the delta."""
         params = state.params
         n_out = len(state.request.output_token_ids)
-        reason = None
-        hidden_stop_token = False
-        if token in state.stop_ids and n_out >= params.min_tokens:
-            reason = "stop"
-            hidden_stop_token = True
         state.pending_ids.append(token)
-        text = "" if hidden_stop_token else state.detokenizer.push([token])
-        # Like stop tokens, stop strings only count once min_tokens have been generated.
-        if state.stop_strings is not None and reason is None and n_out >= params.min_tokens:
-            check = state.stop_strings.feed(text)
-            text = check.text
-            if check.stop is not None:
-                reason = "stop"
-                if params.include_stop_str_in_output:
-                    text += check.stop
+        text, stops = _token_text(state, token, n_out)
+        reason = "stop" if stops else None
         # The scheduler itself ends a request that reached max_tokens.
         if reason is None and (state.request.status.is_finished or n_out >= params.max_tokens):
             reason = "length"
@@ -736,7 +790,7 @@ class LLMEngine:
     def _timings(state: _RequestState) -> Timings:
         scheduled = state.first_scheduled or state.arrival
         first = state.first_token or scheduled
-        n = len(state.request.output_token_ids)
+        n = len(state.request.output_token_ids) - state.num_resumed
         per_token = (state.last_token - first) / (n - 1) if n > 1 and state.last_token else 0.0
         return Timings(
             queue_s=scheduled - state.arrival,
