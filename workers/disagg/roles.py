@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.workers.control_plane import KVEvent, WorkerLoad
-from tandem.workers.disagg.peers import PeerGone, PeerWatch
 from tandem.workers.disagg.transfer import (
     KVLayout,
     KVLayoutMismatch,
@@ -56,10 +55,6 @@ class DisaggConfig:
     local_prefill_threshold: int = 32
     # Longest a decode worker waits for a prompt's KV before prefilling it itself.
     transfer_deadline_s: float = 10.0
-    # How often a decode worker asks whether the prefill peers it waits on are gone
-    # (dead, stopped, leaving; workers/disagg/peers.py): a gone peer costs a request this
-    # long at most, not the transfer deadline.
-    peer_check_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
@@ -68,11 +63,6 @@ class DisaggConfig:
             )
         if not self.transfer_deadline_s > 0:
             raise ValueError(f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
-        if not 0 < self.peer_check_interval_s < self.transfer_deadline_s:
-            raise ValueError(
-                "peer_check_interval_s must be > 0 and below transfer_deadline_s, "
-                f"got {self.peer_check_interval_s}"
-            )
 
 
 # ------------------------------------------------------------------------- messages
@@ -352,13 +342,9 @@ class DecodeWorker(_Worker):
         model_id: str,
         host: str,
         config: DisaggConfig,
-        peers: PeerWatch | None = None,
     ):
-        """peers: which prefill peers are gone (None: every peer is waited for up to the
-        transfer deadline)."""
         super().__init__(engine, replica_id, model_id)
         self.config = config
-        self.peers = peers
         self.receiver = KVReceiver(replica_id, self.layout, engine.engine.runner.kv_caches, host)
         self.fallbacks = 0
         self.transfers = 0
@@ -373,10 +359,9 @@ class DecodeWorker(_Worker):
         replica_id: str,
         host: str,
         config: DisaggConfig,
-        peers: PeerWatch | None = None,
     ) -> DecodeWorker:
         engine = cls._load_engine(model_dir, engine_config)
-        return cls(engine, replica_id, Path(model_dir).name, host, config, peers)
+        return cls(engine, replica_id, Path(model_dir).name, host, config)
 
     @property
     def transfer_endpoint(self) -> str:
@@ -409,11 +394,6 @@ class DecodeWorker(_Worker):
             len(msg.prompt_token_ids) - slot.num_cached_tokens < self.config.local_prefill_threshold
         ):
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
-        elif self.peers is not None and self.peers.is_gone(prefill_replica):
-            # Known gone (dead, stopped, leaving): no call, no wait.
-            self.fallbacks += 1
-            self.engine.call(lambda e: e.fail_remote(msg.request_id))
-            served = ServedInfo(self.replica_id, "", "fallback")
         else:
             served = await self._remote_prefill(msg, slot, prefill, prefill_replica)
         first = True
@@ -428,8 +408,7 @@ class DecodeWorker(_Worker):
 
         The prefill call returns once the last layer is handed to its sender; the blocks
         land here meanwhile. Any failure (the call errs or outlives the deadline, the
-        transfer breaks, the peer is found gone) leaves the blocks to a local prefill at
-        once. Blocks are never freed
+        transfer breaks) leaves the blocks to a local prefill. Blocks are never freed
         while a transfer may still write into them: the ticket is cancelled first, or,
         once receiving, the receive is let run out (it is bounded by the deadline).
         """
@@ -442,7 +421,7 @@ class DecodeWorker(_Worker):
         call = asyncio.ensure_future(prefill(request.to_json()))
         receiving = None
         try:
-            reply = json.loads(await asyncio.wait_for(self._reply(call, prefill_replica), deadline))
+            reply = json.loads(await asyncio.wait_for(call, timeout=deadline))
             receiving = asyncio.ensure_future(asyncio.to_thread(self.receiver.recv, ticket))
             result = await asyncio.shield(receiving)
         except asyncio.CancelledError:
@@ -456,7 +435,7 @@ class DecodeWorker(_Worker):
             await self._close_transfer(ticket, receiving)
             self.fallbacks += 1
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
-            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError | PeerGone):
+            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError):
                 logger.warning("prefill on %s failed, prefilling locally: %r", prefill_replica, err)
             return ServedInfo(self.replica_id, "", "fallback")
         elapsed = time.monotonic() - started
@@ -467,12 +446,6 @@ class DecodeWorker(_Worker):
         self.engine.deliver(out)
         cached = int(reply.get("cached_tokens", 0))
         return ServedInfo(self.replica_id, prefill_replica, "remote", elapsed, cached)
-
-    async def _reply(self, call: asyncio.Future, peer: str) -> str:
-        """The prefill call's reply; PeerGone as soon as the peer is found gone."""
-        if self.peers is None:
-            return await call
-        return await self.peers.race(call, peer)
 
     async def _close_transfer(self, ticket: TransferTicket, receiving) -> None:
         """After this, nothing more is written for `ticket` into this worker's cache."""
