@@ -35,6 +35,7 @@ import ray
 import torch
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
@@ -53,6 +54,7 @@ from tandem.cluster.config import (
 )
 from tandem.cluster.http.app import HttpConfig, build_http_app
 from tandem.cluster.metrics import IngressMetrics, WorkerMetrics
+from tandem.cluster.peer_probe import PrefillPeerProbe
 from tandem.cluster.routing import PinnedReplicaRouter
 from tandem.workers.control_plane import (
     KVEventPublisher,
@@ -60,6 +62,7 @@ from tandem.workers.control_plane import (
     WorkerInfo,
     WorkerRegistry,
 )
+from tandem.workers.disagg.peers import PeerWatch
 from tandem.workers.disagg.roles import DecodeWorker, PrefillWorker
 from tandem.workers.engine.llm_engine import ModelFacts
 from tandem.workers.model.config import load_config
@@ -75,12 +78,22 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
+class PinMissed(ValueError):
+    """A call pinned to one replica reached another: the pinned one is not among the
+    caller's routable replicas (it died, or Serve is stopping it)."""
+
+
+# How long a decode replica skips a prefill peer its pinned call missed: Serve no longer
+# routes to it (stopping or dead); a replica only just started is retried after this.
+PIN_MISSED_SKIP_S = 5.0
+
+
 def _check_pin(pin: str, replica_id: str) -> None:
     """Refuse a call pinned to another replica before doing any of its work. A prefill's
     KV ticket names the replica the decode worker paired with; any other replica's KV
     sender would refuse it, but only inside its engine step."""
     if pin and pin != replica_id:
-        raise ValueError(f"call pinned to replica {pin!r} was routed to {replica_id!r}")
+        raise PinMissed(f"call pinned to replica {pin!r} was routed to {replica_id!r}")
 
 
 def _model_id(settings: TandemSettings) -> str:
@@ -227,12 +240,24 @@ class DecodeServer(_WorkerServer):
         settings = TandemSettings.from_json(args_json)
         self.replica_id = _replica_id()
         self._prefill = prefill
+        cp = settings.control_plane
+        self._peer_registry = WorkerRegistry(
+            settings.resolve_redis_url(),
+            ttl_s=cp.heartbeat_ttl_s,
+            cluster=settings.cluster_name,
+            stale_after_s=cp.stale_after_s,
+        )
+        self.peers = PeerWatch(
+            PrefillPeerProbe(self._peer_registry, serve.get_replica_context().app_name, PREFILL),
+            settings.disagg.peer_check_interval_s,
+        )
         self.worker = DecodeWorker.create(
             settings.resolve_model_dir(),
             settings.decode_engine,
             self.replica_id,
             ray.util.get_node_ip_address(),
             settings.disagg,
+            self.peers,
         )
         self.presence = WorkerPresence(
             settings,
@@ -247,6 +272,7 @@ class DecodeServer(_WorkerServer):
     ) -> AsyncIterator[str]:
         """Stream JSON deltas (tandem.workers.disagg.roles.encode_delta); `prefill_replica`
         names the prefill replica placement chose, "" to prefill here."""
+        self.peers.start()  # on the replica's event loop (idempotent)
         prefill = self._pinned_prefill(prefill_replica) if prefill_replica else None
         async for delta in self.worker.generate(request_json, prefill, prefill_replica):
             yield delta
@@ -260,8 +286,19 @@ class DecodeServer(_WorkerServer):
                 # Awaiting a response does not cancel the remote call; this does.
                 response.cancel()
                 raise
+            except RayActorError:
+                self.peers.mark_gone(replica)  # it died under the call
+                raise
+            except PinMissed:
+                self.peers.mark_gone(replica, PIN_MISSED_SKIP_S)
+                raise
 
         return call
+
+    async def __del__(self) -> None:
+        await self.peers.close()
+        await asyncio.to_thread(self._peer_registry.close)
+        await super().__del__()
 
 
 @serve.deployment(

@@ -100,6 +100,7 @@ class GrpcArgs(_Strict):
 class DisaggArgs(_Strict):
     local_prefill_threshold: int = Field(default=32, ge=0)
     transfer_deadline_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    peer_check_interval_s: float = Field(default=0.25, gt=0, le=60, allow_inf_nan=False)
 
 
 class PrefixAwareArgs(_Strict):
@@ -131,6 +132,9 @@ class PlacementArgs(_Strict):
 class ControlPlaneArgs(_Strict):
     heartbeat_ttl_s: float = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
     heartbeat_interval_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # A record whose heartbeat stopped advancing this long is left out of placement
+    # (a stopped worker), long before its TTL; None: 3 heartbeats, at least 1.5 s.
+    heartbeat_stale_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     registry_poll_s: float = Field(default=0.5, gt=0, le=60, allow_inf_nan=False)
     metrics_interval_s: float = Field(default=1.0, gt=0, le=60, allow_inf_nan=False)
 
@@ -141,6 +145,13 @@ class IngressArgs(_Strict):
     # Admission: the longest estimated wait for a first token a request is admitted
     # with (tandem.cluster.admission); longer ones get RESOURCE_EXHAUSTED at once.
     max_start_delay_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    # Stream migration (tandem.cluster.cluster_backend): times one request may move to
+    # another decode replica after its replica died or stalled (0: never), and the stall
+    # rule: no delta for stall_timeout_s and no answer to an engine ping within
+    # stall_ping_timeout_s.
+    max_migrations: int = Field(default=2, ge=0, le=16)
+    stall_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    stall_ping_timeout_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
 
 
 class TandemArgs(_Strict):
@@ -209,6 +220,9 @@ class ControlPlaneSettings:
     # How often an Ingress re-reads the registry into its load view.
     metrics_interval_s: float
     # How often workers update their Prometheus gauges and publish KV events.
+    heartbeat_stale_s: float | None = None
+    # Readers leave out a record whose heartbeat has not advanced this long (None: the
+    # default of `stale_after_s`).
 
     def __post_init__(self) -> None:
         if not self.heartbeat_interval_s < self.heartbeat_ttl_s:
@@ -217,6 +231,23 @@ class ControlPlaneSettings:
                 f"must be below heartbeat_ttl_s ({self.heartbeat_ttl_s}), "
                 f"got {self.heartbeat_interval_s}",
             )
+        if self.heartbeat_stale_s is not None and not (
+            self.heartbeat_interval_s < self.heartbeat_stale_s <= self.heartbeat_ttl_s
+        ):
+            raise ConfigError(
+                "control_plane.heartbeat_stale_s",
+                f"must be above heartbeat_interval_s ({self.heartbeat_interval_s}) and at "
+                f"most heartbeat_ttl_s ({self.heartbeat_ttl_s}), got {self.heartbeat_stale_s}",
+            )
+
+    @property
+    def stale_after_s(self) -> float:
+        """How long a heartbeat may stand still before readers leave its worker out:
+        three missed heartbeats, at least 1.5 s (a loaded host delays heartbeat threads),
+        at most the TTL."""
+        if self.heartbeat_stale_s is not None:
+            return self.heartbeat_stale_s
+        return min(self.heartbeat_ttl_s, max(3 * self.heartbeat_interval_s, 1.5))
 
 
 @dataclass(frozen=True)
@@ -247,6 +278,12 @@ class TandemSettings:
     # How long a health check may wait for an engine loop.
     max_start_delay_s: float = 2.0
     # Admission bound on the estimated wait for a first token (tandem.cluster.admission).
+    max_migrations: int = 2
+    # Times a stream may move off a failed or stalled decode replica (cluster_backend).
+    stall_timeout_s: float = 10.0
+    stall_ping_timeout_s: float = 2.0
+    # A stream is stalled after stall_timeout_s without a delta when its decode replica
+    # then fails an engine ping of stall_ping_timeout_s.
 
     def __post_init__(self) -> None:
         # The prompt's KV blocks move between the two pools as they are: same block size,
@@ -273,6 +310,7 @@ class TandemSettings:
             disagg = DisaggConfig(
                 local_prefill_threshold=args.disagg.local_prefill_threshold,
                 transfer_deadline_s=args.disagg.transfer_deadline_s,
+                peer_check_interval_s=args.disagg.peer_check_interval_s,
             )
         except ValueError as err:
             raise ConfigError("disagg", str(err)) from None
@@ -300,6 +338,9 @@ class TandemSettings:
             max_waiting_requests=args.ingress.max_waiting_requests,
             health_timeout_s=args.ingress.health_timeout_s,
             max_start_delay_s=args.ingress.max_start_delay_s,
+            max_migrations=args.ingress.max_migrations,
+            stall_timeout_s=args.ingress.stall_timeout_s,
+            stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
         )
 
     @classmethod

@@ -9,6 +9,14 @@ vanishes when its TTL runs out; readers never see an expired record.
 The set `tandem:{cluster}:workers` lists replica ids so readers need no SCAN. Readers
 prune ids whose record expired; a heartbeat re-adds its own id every time, so a prune
 that races with a re-registration heals within one heartbeat interval.
+
+A worker that stops without dying (SIGSTOP, a hung host) keeps its record until the TTL
+runs out, which is long (a Redis outage must not empty the registry). A reader given
+`stale_after_s` drops sooner a record whose heartbeat stopped advancing: it notes, on
+its own monotonic clock, when each record's `updated_at` last changed (no clock is
+compared across machines), and a record unchanged for `stale_after_s` is left out until
+its heartbeat moves again. A worker known dead (Ray says its actor died) can be
+`evict`ed by anyone: its record goes at once, and only if it still is that incarnation.
 """
 
 from __future__ import annotations
@@ -43,6 +51,19 @@ ROLES: tuple[str, ...] = ("prefill", "decode", "both")
 # worker is back in the registry well within RELIABILITY target 13's 5 s after Redis is.
 _HEARTBEAT_RETRY_S = 0.25
 _MAX_ID_LEN = 256
+
+# KEYS: the record, the id set; ARGV: the replica id, its incarnation as JSON. The record
+# is compact JSON with sorted keys (WorkerInfo.to_json), so its incarnation appears as
+# `"incarnation":<json>` exactly.
+_EVICT_SCRIPT = """
+local record = redis.call('GET', KEYS[1])
+if record and string.find(record, '"incarnation":' .. ARGV[2], 1, true) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -209,10 +230,25 @@ class WorkerRegistry:
     mistaking an outage for an empty cluster.
     """
 
-    def __init__(self, redis_url: str, *, ttl_s: float = 10.0, cluster: str = "default") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        ttl_s: float = 10.0,
+        cluster: str = "default",
+        stale_after_s: float | None = None,
+    ) -> None:
+        """stale_after_s: readers leave out a record whose heartbeat has not advanced for
+        this long (module docstring); None: only expiry removes records."""
         if not isinstance(ttl_s, int | float) or not 0.1 <= ttl_s <= 3600:
             raise ValueError(f"ttl_s must be within [0.1, 3600] seconds, got {ttl_s!r}")
+        if stale_after_s is not None and not 0 < stale_after_s:
+            raise ValueError(f"stale_after_s must be > 0 or None, got {stale_after_s!r}")
         self.ttl_s = float(ttl_s)
+        self.stale_after_s = stale_after_s
+        self._heartbeats_seen: dict[str, tuple[float, float]] = {}
+        # reader side: replica id -> (its record's updated_at, when that value was first
+        # seen here, time.monotonic())
         self.keys = KeySpace(cluster)
         self._client = make_client(redis_url)
         self._outage = OutageLog(logger, "worker registry", redis_url)
@@ -361,7 +397,45 @@ class WorkerRegistry:
         except redis.RedisError as error:
             raise_if_unavailable(error)
             raise
+        if self.stale_after_s is not None:
+            workers = self._fresh(workers)
         return [w for w in workers if role is None or w.serves(role)]
+
+    def _fresh(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        """The workers whose heartbeat advanced within stale_after_s of this clock."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._heartbeats_seen
+            fresh = []
+            for w in workers:
+                known = seen.get(w.replica_id)
+                if known is None or known[0] != w.load.updated_at:
+                    known = seen[w.replica_id] = (w.load.updated_at, now)
+                if now - known[1] < self.stale_after_s:
+                    fresh.append(w)
+            if len(seen) > 2 * len(workers) + 16:
+                listed = {w.replica_id for w in workers}
+                for rid in [rid for rid in seen if rid not in listed]:
+                    del seen[rid]
+        return fresh
+
+    def evict(self, replica_id: str, incarnation: str) -> bool:
+        """Delete a dead worker's record now, if it still holds `incarnation` (a worker
+        that restarted under the same id keeps its new record). True if deleted."""
+        try:
+            return bool(
+                self._client.eval(
+                    _EVICT_SCRIPT,
+                    2,
+                    self.keys.worker(replica_id),
+                    self.keys.workers,
+                    replica_id,
+                    json.dumps(incarnation),
+                )
+            )
+        except redis.RedisError as error:
+            raise_if_unavailable(error)
+            raise
 
     def get(self, replica_id: str) -> WorkerInfo | None:
         """The worker's record, or None if it never registered or expired."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.workers.control_plane import KVEvent, WorkerLoad
+from tandem.workers.disagg.peers import PeerGone, PeerWatch
 from tandem.workers.disagg.transfer import (
     KVLayout,
     KVLayoutMismatch,
@@ -55,6 +56,10 @@ class DisaggConfig:
     local_prefill_threshold: int = 32
     # Longest a decode worker waits for a prompt's KV before prefilling it itself.
     transfer_deadline_s: float = 10.0
+    # How often a decode worker asks whether the prefill peers it waits on are gone
+    # (dead, stopped, leaving; workers/disagg/peers.py): a gone peer costs a request this
+    # long at most, not the transfer deadline.
+    peer_check_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
@@ -63,6 +68,8 @@ class DisaggConfig:
             )
         if not self.transfer_deadline_s > 0:
             raise ValueError(f"transfer_deadline_s must be > 0, got {self.transfer_deadline_s}")
+        if not self.peer_check_interval_s > 0:
+            raise ValueError(f"peer_check_interval_s must be > 0, got {self.peer_check_interval_s}")
 
 
 # ------------------------------------------------------------------------- messages
@@ -193,15 +200,12 @@ def _object(text: str, what: str) -> dict:
 # -------------------------------------------------------------------------- workers
 
 
-
 class RecentLatency:
     """Latencies of the last `window_s` seconds: their 90th percentile (0 with none) is
     what a worker reports to its pool's autoscaler as `ttft_s`; their count per second
     (with `add(amount)` as a weight, see `rate`), for `prompt_tokens_per_s`."""
 
-    def __init__(
-        self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self._clock = clock
         self._samples: deque[tuple[float, float]] = deque()
@@ -342,9 +346,13 @@ class DecodeWorker(_Worker):
         model_id: str,
         host: str,
         config: DisaggConfig,
+        peers: PeerWatch | None = None,
     ):
+        """peers: which prefill peers are gone (None: every peer is waited for up to the
+        transfer deadline)."""
         super().__init__(engine, replica_id, model_id)
         self.config = config
+        self.peers = peers
         self.receiver = KVReceiver(replica_id, self.layout, engine.engine.runner.kv_caches, host)
         self.fallbacks = 0
         self.transfers = 0
@@ -359,9 +367,10 @@ class DecodeWorker(_Worker):
         replica_id: str,
         host: str,
         config: DisaggConfig,
+        peers: PeerWatch | None = None,
     ) -> DecodeWorker:
         engine = cls._load_engine(model_dir, engine_config)
-        return cls(engine, replica_id, Path(model_dir).name, host, config)
+        return cls(engine, replica_id, Path(model_dir).name, host, config, peers)
 
     @property
     def transfer_endpoint(self) -> str:
@@ -394,6 +403,11 @@ class DecodeWorker(_Worker):
             len(msg.prompt_token_ids) - slot.num_cached_tokens < self.config.local_prefill_threshold
         ):
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
+        elif self.peers is not None and self.peers.is_gone(prefill_replica):
+            # Known gone (dead, stopped, leaving): no call, no wait.
+            self.fallbacks += 1
+            self.engine.call(lambda e: e.fail_remote(msg.request_id))
+            served = ServedInfo(self.replica_id, "", "fallback")
         else:
             served = await self._remote_prefill(msg, slot, prefill, prefill_replica)
         first = True
@@ -408,7 +422,8 @@ class DecodeWorker(_Worker):
 
         The prefill call returns once the last layer is handed to its sender; the blocks
         land here meanwhile. Any failure (the call errs or outlives the deadline, the
-        transfer breaks) leaves the blocks to a local prefill. Blocks are never freed
+        transfer breaks, the peer is found gone) leaves the blocks to a local prefill at
+        once. Blocks are never freed
         while a transfer may still write into them: the ticket is cancelled first, or,
         once receiving, the receive is let run out (it is bounded by the deadline).
         """
@@ -421,7 +436,7 @@ class DecodeWorker(_Worker):
         call = asyncio.ensure_future(prefill(request.to_json()))
         receiving = None
         try:
-            reply = json.loads(await asyncio.wait_for(call, timeout=deadline))
+            reply = json.loads(await asyncio.wait_for(self._reply(call, prefill_replica), deadline))
             receiving = asyncio.ensure_future(asyncio.to_thread(self.receiver.recv, ticket))
             result = await asyncio.shield(receiving)
         except asyncio.CancelledError:
@@ -435,7 +450,7 @@ class DecodeWorker(_Worker):
             await self._close_transfer(ticket, receiving)
             self.fallbacks += 1
             self.engine.call(lambda e: e.fail_remote(msg.request_id))
-            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError):
+            if not isinstance(err, TransferFailed | KVLayoutMismatch | TimeoutError | PeerGone):
                 logger.warning("prefill on %s failed, prefilling locally: %r", prefill_replica, err)
             return ServedInfo(self.replica_id, "", "fallback")
         elapsed = time.monotonic() - started
@@ -446,6 +461,12 @@ class DecodeWorker(_Worker):
         self.engine.deliver(out)
         cached = int(reply.get("cached_tokens", 0))
         return ServedInfo(self.replica_id, prefill_replica, "remote", elapsed, cached)
+
+    async def _reply(self, call: asyncio.Future, peer: str) -> str:
+        """The prefill call's reply; PeerGone as soon as the peer is found gone."""
+        if self.peers is None:
+            return await call
+        return await self.peers.race(call, peer)
 
     async def _close_transfer(self, ticket: TransferTicket, receiving) -> None:
         """After this, nothing more is written for `ticket` into this worker's cache."""
