@@ -62,6 +62,12 @@ def main() -> None:
             overload = run_overload(cluster.target, Synthetic(vocab_of(cluster),
                                                               Lengths("160"), Lengths("8")))
             rss_after = ingress_rss_mb()
+            # each overload request: when it was sent, how it ended, its time to first token
+            (Path(args.out) / "overload_records.json").write_text(json.dumps([
+                {"sent_s": round(r.sent_s, 4), "status": r.status,
+                 "ttft_s": None if r.ttft_s is None else round(r.ttft_s, 4)}
+                for r in overload.records
+            ]))
             deadline_statuses, idle_after_s = run_deadlines(cluster)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

@@ -3,22 +3,29 @@ within a bound, otherwise refuse it at once with a time to retry after.
 
 A request's start is its first token. The ingress knows the prompt tokens it admitted
 that have no first token yet (the backlog), and it sees each request's time to first
-token. It keeps a limit on the backlog, adapted to what the pools achieve (additive
-increase, multiplicative decrease, as TCP's congestion window and Netflix's concurrency
-limits do):
+token (TTFT). It keeps a limit on the backlog, adapted to what the pools achieve, the way
+TCP's congestion window is (slow start, then additive increase, multiplicative decrease):
 
     admit    when backlog + the request's prompt tokens <= limit (or the backlog is
              empty: one request always gets through)
     refuse   otherwise, at once: RESOURCE_EXHAUSTED / 429, retry after about one recent
              TTFT (the time the backlog takes to turn over)
-    a first token within max_start_delay_s, while the limit was nearly reached:
-             limit += its prompt tokens * increase (the pools keep up: allow more)
-    a first token later than max_start_delay_s (they do not keep up), at most once per
-             max_start_delay_s:
+    a fast first token while the limit was nearly reached (the pools keep up: allow more):
+             slow start    limit += its prompt tokens (doubles the limit per TTFT),
+                           while TTFTs stay within half of max_start_delay_s
+             then          limit += its prompt tokens * increase
+    a first token later than max_start_delay_s (they do not keep up), for a request
+             admitted after the last cut (older ones measure an older limit: reacting to
+             them would cut again and again for one overshoot):
              limit = min(limit * decrease, backlog * max_start_delay_s / ttft)
              (the second term: the backlog that would have started in time at the rate
              just seen, so one slow start brings the limit near the right level)
 
+The limit starts small (initial_limit_tokens) and slow start finds the pools' level within
+a few TTFTs; a large initial limit would admit a burst that then waits for seconds.
+max_start_delay_s is the level the limit steers to, not a hard ceiling: admitted TTFT p99
+lands at about 1.2-1.5x it (tests/test_admission.py's modelled pools; bench/RESULTS.md's
+CPU cluster), so set it below the SLO by that much.
 A throughput estimate from first tokens would not do: it measures only the concurrency
 admitted, and batching makes throughput grow with concurrency, so an estimate that
 limits concurrency ratchets itself down. The latency signal does not: the limit grows
@@ -39,8 +46,8 @@ from dataclasses import dataclass
 class AdmissionConfig:
     max_start_delay_s: float = 2.0
     # The time to first token that admitted requests should keep.
-    initial_limit_tokens: int = 8192
-    # The backlog limit before anything is measured.
+    initial_limit_tokens: int = 2048
+    # The backlog limit before anything is measured (slow start grows it from there).
     min_limit_tokens: int = 256
     # The limit never drops below this (an empty backlog always admits one request).
     increase: float = 0.25
@@ -83,6 +90,7 @@ class AdmissionControl:
         self.backlog_tokens = 0
         self.limit_tokens = float(config.initial_limit_tokens)
         self._last_decrease = -math.inf
+        self.slow_start = True
         # the recent time to first token (exponential average), for retry-after
         self.recent_ttft_s = 0.0
 
@@ -102,13 +110,16 @@ class AdmissionControl:
             else ttft_s
         now = self._clock()
         if ttft_s > c.max_start_delay_s:
-            if now - self._last_decrease >= c.max_start_delay_s:
+            if now - ttft_s >= self._last_decrease:
                 in_time = backlog * c.max_start_delay_s / ttft_s
                 limit = min(self.limit_tokens * c.decrease, in_time)
                 self.limit_tokens = max(float(c.min_limit_tokens), limit)
                 self._last_decrease = now
+                self.slow_start = False
         elif backlog >= 0.5 * self.limit_tokens:
-            self.limit_tokens += c.increase * prompt_tokens
+            if self.slow_start and ttft_s > 0.5 * c.max_start_delay_s:
+                self.slow_start = False
+            self.limit_tokens += prompt_tokens * (1.0 if self.slow_start else c.increase)
 
     def abandoned(self, prompt_tokens: int) -> None:
         self.backlog_tokens = max(0, self.backlog_tokens - prompt_tokens)

@@ -43,30 +43,48 @@ def test_slow_starts_cut_the_limit_to_what_started_in_time():
     # 800 tokens were waiting and this start took 2 s against a 1 s bound: 400 fit
     control.first_token(100, ttft_s=2.0)
     assert control.limit_tokens == 400 and control.backlog_tokens == 700
-    control.first_token(100, ttft_s=3.0)  # within the same bound interval: no second cut
+    # admitted before that cut: it measured the old limit, no second cut
+    clock.t += 0.5
+    control.first_token(100, ttft_s=3.0)
     assert control.limit_tokens == 400
-    clock.t += 1.0
-    control.first_token(100, ttft_s=1.5)  # 400 * 0.8 = 320 < 600 waiting * 1 / 1.5
+    # admitted 0.5 s after the cut, slow again: 400 * 0.8 = 320 < 600 waiting * 1 / 1.5
+    clock.t += 1.5
+    control.first_token(100, ttft_s=1.5)
     assert control.limit_tokens == 320
     # the retry-after follows the recent starts: 2.0, then 0.8 * 2.0 + 0.2 * 3.0 = 2.2,
     # then 0.8 * 2.2 + 0.2 * 1.5 = 2.06 -> 3 s
     with pytest.raises(Overloaded) as err:
         control.admit(100)
     assert err.value.retry_after_s == 3
-    clock.t += 1.0
+    clock.t += 50.0
     control.first_token(100, ttft_s=50.0)
     assert control.limit_tokens == 100  # never below min_limit_tokens
 
 
 def test_fast_starts_near_the_limit_raise_it():
     control, _ = _control(increase=0.5)
-    for _ in range(6):
+    for _ in range(7):
         control.started(100)
-    control.first_token(100, ttft_s=0.2)  # 600 waiting >= half the limit: grow by 50
-    assert control.limit_tokens == 1050
+    # slow start: 700 waiting >= half the limit, a start within half the bound: + 100
+    control.first_token(100, ttft_s=0.2)
+    assert control.limit_tokens == 1100 and control.slow_start
+    # 600 waiting; a start past half the bound ends slow start: + 100 * 0.5 from now on
+    control.first_token(100, ttft_s=0.6)
+    assert control.limit_tokens == 1150 and not control.slow_start
     for _ in range(3):
-        control.first_token(100, ttft_s=0.2)  # 500, 400, 300 waiting: under half (525)
-    assert control.limit_tokens == 1050
+        control.first_token(100, ttft_s=0.2)  # 500, 400, 300 waiting: under half (575)
+    assert control.limit_tokens == 1150
+
+
+def test_a_cut_ends_slow_start():
+    control, clock = _control()
+    for _ in range(8):
+        control.started(100)
+    control.first_token(100, ttft_s=2.0)
+    assert not control.slow_start
+    clock.t += 5.0
+    control.first_token(100, ttft_s=0.1)  # 700 waiting >= 200: additive, + 100 * 0.25
+    assert control.limit_tokens == 425
 
 
 def test_config_errors_name_the_field():
@@ -74,3 +92,125 @@ def test_config_errors_name_the_field():
         AdmissionConfig(max_start_delay_s=0)
     with pytest.raises(ValueError, match="min_limit_tokens"):
         AdmissionConfig(min_limit_tokens=0)
+
+
+# ---------------------------------------------------------------- against a modelled pool
+
+
+class BatchingPool:
+    """A prefill pool as a discrete-event model: one server takes every waiting request
+    (up to `max_batch`) into a batch that costs `overhead_s + per_token_s * tokens`; each
+    request of the batch starts (first token) when the batch ends. Batching makes the
+    throughput grow with the backlog, which is what a concurrency limit must not mistake
+    for the pool's capacity."""
+
+    def __init__(self, overhead_s: float, per_token_s: float, max_batch: int) -> None:
+        self.overhead_s, self.per_token_s, self.max_batch = overhead_s, per_token_s, max_batch
+
+    def run(self, arrivals: list[float], tokens: int, admit) -> list[float]:
+        """Feed `arrivals` (sorted times) through `admit(now, tokens)`, which returns None
+        (refused) or the callback `done(now, ttft)` for the request's first token, in time
+        order with the arrivals; returns the admitted requests' TTFTs."""
+        queue: list[tuple[float, object]] = []
+        batch: list[tuple[float, object]] = []
+        ends_at, ttfts, i = 0.0, [], 0
+        while i < len(arrivals) or queue or batch:
+            now = arrivals[i] if i < len(arrivals) else float("inf")
+            if batch and ends_at <= now:
+                now = ends_at
+                for sent, done in batch:
+                    ttfts.append(now - sent)
+                    done(now, now - sent)
+                batch = []
+            else:
+                done = admit(now, tokens)
+                if done is not None:
+                    queue.append((now, done))
+                i += 1
+            if queue and not batch:
+                batch, queue = queue[: self.max_batch], queue[self.max_batch :]
+                ends_at = now + self.overhead_s + self.per_token_s * tokens * len(batch)
+        return ttfts
+
+
+def _poisson(rate: float, duration_s: float, seed: int) -> list[float]:
+    import random
+
+    rng, t, out = random.Random(seed), 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        out.append(t)
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def _adaptive(bound_s: float):
+    clock = Clock()
+    control = AdmissionControl(AdmissionConfig(max_start_delay_s=bound_s), clock)
+
+    def admit(now: float, tokens: int):
+        clock.t = now
+        try:
+            control.admit(tokens)
+        except Overloaded:
+            return None
+        control.started(tokens)
+
+        def done(at: float, ttft: float) -> None:
+            clock.t = at
+            control.first_token(tokens, ttft)
+
+        return done
+
+    return admit
+
+
+def _static(limit_tokens: int):
+    backlog = [0]
+
+    def admit(now: float, tokens: int):
+        if backlog[0] and backlog[0] + tokens > limit_tokens:
+            return None
+        backlog[0] += tokens
+
+        def done(at: float, ttft: float) -> None:
+            backlog[0] -= tokens
+
+        return done
+
+    return admit
+
+
+@pytest.mark.parametrize(
+    "pool, tokens",
+    [
+        (BatchingPool(0.1, 0.0002, 16), 160),  # the CPU cluster's shape: overhead dominates
+        (BatchingPool(0.02, 0.000025, 64), 1024),  # a GPU prefill pool: 40k tokens/s
+    ],
+)
+def test_at_3x_capacity_the_limit_keeps_its_bound_near_the_best_static_limit(pool, tokens):
+    """Offered 3x what the pool serves within the bound: the adaptive limit (from its
+    default start) keeps admitted TTFT p99 within 1.5x the bound, and admits at least 80%
+    of what the best static backlog limit in hindsight admits within the bound."""
+    unloaded = pool.overhead_s + pool.per_token_s * tokens
+    bound = 3 * unloaded
+    duration = 60.0
+
+    def served(admit) -> tuple[float, float]:
+        ttfts = pool.run(arrivals, tokens, admit)
+        return len(ttfts) / duration, _p99(ttfts)
+
+    # the best static limit: most admitted requests with p99 within the bound
+    arrivals = _poisson(1000.0, duration, seed=1)
+    best_rate = max(
+        rate for rate, p99 in (served(_static(k * tokens)) for k in range(1, 129)) if p99 <= bound
+    )
+    arrivals = _poisson(3 * best_rate, duration, seed=2)
+    rate, p99 = served(_adaptive(bound))
+    assert p99 <= 1.5 * bound, (p99, bound)
+    assert rate >= 0.8 * best_rate, (rate, best_rate)

@@ -13,7 +13,6 @@ served by uvicorn over an in-process engine with fault hooks (tests/support/api_
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -28,7 +27,6 @@ import grpc
 import httpx2 as httpx
 import openai
 import pytest
-import uvicorn
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
@@ -38,12 +36,12 @@ from ray import serve
 from tandem.cluster.api.server import FIELD_METADATA_KEY
 from tandem.cluster.client import TandemClient
 from tandem.cluster.config import DECODE, PREFILL, ConfigOverrides, load_app_config
-from tandem.cluster.http.app import HttpConfig, build_http_app
+from tandem.cluster.http.app import HttpConfig
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
 from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.synthetic.tiny_model import TINY_MODEL_VERSION
 from tandem.workers.text.harmony import Conversation, Message, render_conversation
-from tests.support.api_server import EventLoopThread, new_backend
+from tests.support.api_server import EventLoopThread, HttpServer, new_backend
 from tests.support.cluster import TEST_ENGINE, free_port, serve_cluster, wait_for
 from tests.support.replay_backend import ReplayBackend, harmony_ids
 
@@ -568,26 +566,6 @@ def test_readme_examples_run(cluster):
 
 
 # ------------------------------------------------------ in-process HTTP (faults)
-
-
-class HttpServer:
-    """The HTTP app served by uvicorn on the test's event loop thread."""
-
-    def __init__(self, loop_thread: EventLoopThread, backend, config: HttpConfig) -> None:
-        self._lt = loop_thread
-        app = build_http_app(backend, config)
-        self._server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        )
-        self._task = asyncio.run_coroutine_threadsafe(self._server.serve(), loop_thread.loop)
-        wait_for(lambda: self._server.started or self._task.done(), 30, "uvicorn to start")
-        assert self._server.started, self._task.result()
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}/v1"
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._task.result(30)
 
 
 @pytest.fixture()

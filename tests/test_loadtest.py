@@ -1,9 +1,10 @@
 """`tandem loadtest`: arrivals, workloads and figures checked exactly on constructed data,
-then the command against a real gRPC server (in-process engine on the tiny model) over
-loopback, and the replica sampler against a real redis-server."""
+then the command against a real gRPC server and the HTTP app over the same in-process
+engine (tiny model) over loopback, and the replica sampler against a real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem.cluster.http.app import HttpConfig
 from tandem.cluster.loadtest.arrivals import (
     Constant,
     Gamma,
@@ -23,12 +25,14 @@ from tandem.cluster.loadtest.arrivals import (
     RateSchedule,
     make_arrivals,
 )
-from tandem.cluster.loadtest.driver import RequestRecord
+from tandem.cluster.loadtest.driver import Driver, RequestRecord, RunLimits
 from tandem.cluster.loadtest.replicas import ReplicaSampler
 from tandem.cluster.loadtest.report import SLO, percentile, summarize, write_report
+from tandem.cluster.loadtest.transport import DEADLINE_HEADER, HttpTransport
 from tandem.cluster.loadtest.workloads import (
     Agentic,
     Lengths,
+    LoadRequest,
     MooncakeTrace,
     SharedPrefix,
     Synthetic,
@@ -36,7 +40,7 @@ from tandem.cluster.loadtest.workloads import (
 )
 from tandem.workers.control_plane import WorkerCapacity, WorkerInfo, WorkerRegistry
 from tandem.workers.synthetic.tiny_model import default_model_dir
-from tests.support.api_server import EventLoopThread, new_backend
+from tests.support.api_server import EventLoopThread, HttpServer, new_backend
 
 # ------------------------------------------------------------------------- arrivals
 
@@ -193,14 +197,22 @@ def test_report_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server_target():
+def servers():
+    """(gRPC HOST:PORT, HTTP base URL) of one in-process engine."""
     loop = EventLoopThread()
     backend, _, _ = new_backend(default_model_dir(), model_id="tiny")
     server = loop.start_server(backend)
-    yield f"127.0.0.1:{server.port}"
+    http = HttpServer(loop, backend, HttpConfig())
+    yield f"127.0.0.1:{server.port}", http.base.removesuffix("/v1")
+    http.stop()
     loop.run(server.stop(0))
     loop.run(backend.close())
     loop.close()
+
+
+@pytest.fixture(scope="module")
+def server_target(servers):
+    return servers[0]
 
 
 def _loadtest(tmp_path: Path, target: str, *args: str) -> dict:
@@ -232,6 +244,69 @@ def test_open_loop_shared_prefix_run(tmp_path, server_target):
     sends = [r["sent_s"] for r in requests]
     assert sends == sorted(sends) and sends[-1] < 4.0
     assert (tmp_path / "report.html").exists() and (tmp_path / "ttft_itl_cdf.png").exists()
+
+
+@pytest.mark.parametrize("api", ["grpc", "http"])
+def test_both_apis_give_the_same_run(tmp_path, servers, api):
+    """The same seeded closed-loop run over gRPC and over HTTP (/v1/completions): every
+    request completes with its tokens counted, its cached tokens seen."""
+    target = servers[0] if api == "grpc" else servers[1]
+    summary = _loadtest(
+        tmp_path, target, "--workload", "shared-prefix", "--documents", "1",
+        "--prefix-tokens", "40", "--isl", "8", "--osl", "5", "--concurrency", "2",
+        "--max-requests", "8", "--seed", "3",
+    )
+    requests = json.loads((tmp_path / "results.json").read_text())["requests"]
+    assert summary["completed"] == 8 and not summary["errors_by_status"]
+    assert all(r["output_tokens"] == 5 and r["prompt_tokens"] == 48 for r in requests)
+    assert all(len(r["itl_s"]) == 4 for r in requests)
+    # one 40-token document (5 blocks of 8) shared by every request after the first
+    assert sum(r["cached_tokens"] for r in requests) >= 7 * 40
+
+
+def test_http_chat_workload_is_refused_by_name(tmp_path, servers):
+    env = {k: v for k, v in os.environ.items() if k != "TANDEM_API_KEY"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "tandem"), "loadtest", "--target", servers[1],
+         "--out", str(tmp_path), "--quiet", "--workload", "chat"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode != 0 and "chat workload needs the gRPC API" in done.stderr
+
+
+def test_http_refusals_keep_their_status_and_retry_after():
+    """A 429 with Retry-After from the HTTP API reads as RESOURCE_EXHAUSTED with that
+    retry-after, as over gRPC."""
+    loop = EventLoopThread()
+    backend, _, hooks = new_backend(default_model_dir(), model_id="tiny", max_waiting_requests=1)
+    http = HttpServer(loop, backend, HttpConfig(retry_after_s=2))
+    hooks.paused.set()  # the first request waits unscheduled, holding the only place
+
+    async def two() -> list[RequestRecord]:
+        driver = Driver(HttpTransport(http.base.removesuffix("/v1")), RunLimits(2, 60, 30))
+        requests = iter([LoadRequest((1, 2, 3), 2), LoadRequest((4, 5, 6), 2)])
+
+        async def release_when_refused() -> None:
+            while not any(r.status == "RESOURCE_EXHAUSTED" for r in driver.records):
+                await asyncio.sleep(0.01)  # polls the driver's records, bounded below
+            hooks.paused.clear()
+
+        release = asyncio.create_task(release_when_refused())
+        await asyncio.wait_for(driver.concurrency(requests, 2), 60)
+        release.cancel()
+        return driver.records
+
+    try:
+        records = asyncio.run(two())
+    finally:
+        hooks.paused.clear()
+        http.stop()
+        loop.run(backend.close())
+        loop.close()
+    statuses = sorted(r.status for r in records)
+    assert statuses == ["OK", "RESOURCE_EXHAUSTED"], [(r.status, r.error) for r in records]
+    refused = next(r for r in records if not r.ok)
+    assert refused.retry_after_s == 2.0 and "HTTP 429" in refused.error
 
 
 def test_chat_sessions_resend_their_answers(tmp_path, server_target):
@@ -267,3 +342,9 @@ def test_replica_sampler_counts_live_workers(redis_url):
     assert sampler.samples[-1][1] == {"prefill": 1, "decode": 1}
     for registry in registries:
         registry.close()
+
+
+def test_the_deadline_header_is_the_servers():
+    from tandem.cluster.http import app
+
+    assert DEADLINE_HEADER == app.DEADLINE_HEADER

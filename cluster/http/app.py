@@ -298,7 +298,10 @@ class OpenAIFront:
                         "object": "model",
                         "created": 0,
                         "owned_by": "tandem",
+                        # beyond OpenAI's fields, as vLLM's max_model_len; `tandem loadtest`
+                        # draws prompt ids from the vocabulary
                         "max_model_len": m.max_model_len,
+                        "vocab_size": m.vocab_size,
                     }
                     for m in self.backend.models
                 ],

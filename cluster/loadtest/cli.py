@@ -2,6 +2,7 @@
 
     tandem loadtest --target 127.0.0.1:50051 --workload synthetic --isl 512 --osl 64 \\
         --arrival poisson --rate 4 --duration 60 --out runs/poisson4
+    tandem loadtest --target http://127.0.0.1:8000 ...            # the HTTP API instead
     tandem loadtest ... --schedule '30s@1,60s@1->8,30s@8->1'     # steps and ramps
     tandem loadtest ... --concurrency 16                          # closed loop
     tandem loadtest ... --workload chat --conversations 32 --turns 5 --think 2
@@ -9,7 +10,9 @@
     tandem loadtest --simulate ... [--speeds speeds.json]         # no server: size a
                                                                   # GPU cluster (simulate.py)
 
-Sends only to --target. Prints a progress line a second on stderr and the summary as
+Sends only to --target: HOST:PORT is the gRPC API, http://HOST:PORT (or https://) the
+OpenAI-compatible HTTP API (/v1/completions; not for the chat workload, which needs the
+answers' token ids). Prints a progress line a second on stderr and the summary as
 JSON on stdout; writes results.json, PNG plots and report.html into --out.
 """
 
@@ -22,15 +25,18 @@ import json
 import os
 from pathlib import Path
 
-import grpc
-
-from tandem.cluster.api.gen import tandem_pb2 as pb
-from tandem.cluster.api.gen import tandem_pb2_grpc
 from tandem.cluster.loadtest.arrivals import RateSchedule, make_arrivals
 from tandem.cluster.loadtest.driver import Driver, RunLimits, stderr_progress
 from tandem.cluster.loadtest.replicas import ReplicaSampler
 from tandem.cluster.loadtest.report import SLO, summarize, write_report
 from tandem.cluster.loadtest.simulate import ReplicaSpeed, SimConfig, compare, write_simulation
+from tandem.cluster.loadtest.transport import (
+    GrpcTransport,
+    HttpTransport,
+    ModelInfo,
+    RequestFailed,
+    Transport,
+)
 from tandem.cluster.loadtest.workloads import (
     Agentic,
     ChatSessions,
@@ -47,7 +53,8 @@ WORKLOADS = ("synthetic", "shared-prefix", "agentic", "chat", "mooncake")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loadtest", help="drive a running server with load and report")
-    p.add_argument("--target", help="HOST:PORT of the gRPC API (not with --simulate)")
+    p.add_argument("--target", help="HOST:PORT of the gRPC API, or http://HOST:PORT of the "
+                                    "HTTP API (not with --simulate)")
     p.add_argument("--simulate", action="store_true",
                    help="replay the workload against the autoscaling policy in a simulation "
                         "of GPU replicas instead of sending it (tandem.cluster.loadtest.simulate)")
@@ -90,19 +97,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _model_card(target: str, metadata) -> pb.ModelInfo:
-    with grpc.insecure_channel(target) as channel:
-        stub = tandem_pb2_grpc.TandemStub(channel)
-        try:
-            [model, *_] = stub.ListModels(pb.ListModelsRequest(), timeout=10,
-                                          metadata=metadata).models
-        except grpc.RpcError as err:
-            raise SystemExit(
-                f"tandem loadtest: {target}: {err.code().name}: {err.details()}"
-            ) from None
-        except ValueError:
-            raise SystemExit(f"tandem loadtest: {target} serves no model") from None
-    return model
+def transport_for(target: str, api_key: str | None) -> Transport:
+    """The transport a --target names: a URL is the HTTP API, HOST:PORT the gRPC API."""
+    if target.startswith(("http://", "https://")):
+        return HttpTransport(target, api_key)
+    if "://" in target:
+        raise ValueError(f"--target {target!r}: HOST:PORT (gRPC) or http(s)://HOST:PORT (HTTP)")
+    return GrpcTransport(target, api_key)
+
+
+async def _model_card(transport: Transport) -> ModelInfo:
+    async with transport:
+        return await transport.model()
 
 
 def _workload(args: argparse.Namespace, vocab: Vocab, cap: int) -> Workload | ChatSessions:
@@ -159,21 +165,26 @@ def run(args: argparse.Namespace) -> int:
     if not args.target:
         raise SystemExit("tandem loadtest: --target HOST:PORT is required (or --simulate)")
     key = os.environ.get(args.api_key_env)
-    metadata = (("authorization", f"Bearer {key}"),) if key else ()
     try:
         limits = RunLimits(args.max_requests, args.duration, args.timeout, args.max_in_flight)
         schedule = (RateSchedule.parse(args.schedule) if args.schedule
                     else RateSchedule.constant(args.rate or 1.0, args.duration))
         arrivals = make_arrivals(args.arrival, schedule, args.cv)
-        model = _model_card(args.target, metadata)
+        transport = transport_for(args.target, key)
+        model = asyncio.run(_model_card(transport))
         vocab = Vocab(model.vocab_size)
         workload = _workload(args, vocab, max(1, model.max_model_len // 2))
+        if isinstance(workload, ChatSessions) and not transport.gives_token_ids:
+            raise ValueError("the chat workload needs the gRPC API (HOST:PORT): the HTTP API "
+                             "does not return the answers' token ids")
+    except RequestFailed as err:
+        raise SystemExit(f"tandem loadtest: {args.target}: {err}") from None
     except ValueError as err:
         raise SystemExit(f"tandem loadtest: {err}") from None
     if args.schedule:
         limits = RunLimits(limits.max_requests, min(limits.duration_s, schedule.duration_s),
                            limits.timeout_s, limits.max_in_flight)
-    driver = Driver(args.target, limits, api_key=key, temperature=args.temperature,
+    driver = Driver(transport, limits, temperature=args.temperature,
                     progress=None if args.quiet else stderr_progress)
     if isinstance(workload, ChatSessions):
         job = driver.chat(workload, args.seed, model.max_model_len)

@@ -1,4 +1,5 @@
-"""Drives the gRPC API with a workload and records every request's timeline.
+"""Drives a server's API (gRPC or HTTP, transport.py) with a workload and records every
+request's timeline.
 
     open loop    each request starts at its arrival time (arrivals.py, or the trace's own
                  time), whether or not earlier ones have finished: the server sees the
@@ -29,10 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import grpc
-
-from tandem.cluster.api.gen import tandem_pb2 as pb
-from tandem.cluster.api.gen import tandem_pb2_grpc
+from tandem.cluster.loadtest.transport import GrpcTransport, RequestFailed, Transport
 from tandem.cluster.loadtest.workloads import ChatSessions, LoadRequest
 
 
@@ -89,11 +87,12 @@ class RunLimits:
 
 
 class Driver:
-    """One run against `target`. `api_key` goes in the authorization metadata."""
+    """One run against `target`: a gRPC HOST:PORT, or a Transport (HttpTransport for the
+    HTTP API). `api_key` goes in the authorization metadata of a gRPC target."""
 
     def __init__(
         self,
-        target: str,
+        target: str | Transport,
         limits: RunLimits,
         *,
         api_key: str | None = None,
@@ -103,9 +102,8 @@ class Driver:
     ) -> None:
         """`origin`: the time.monotonic() that record times count from (runs that share
         one line up on one timeline); by default the start of the run."""
-        self.target = target
+        self.transport = target if isinstance(target, Transport) else GrpcTransport(target, api_key)
         self.limits = limits
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.temperature = temperature
         self.progress = progress
         self.records: list[RequestRecord] = []
@@ -118,50 +116,41 @@ class Driver:
 
     # -------------------------------------------------------------------- one request
 
-    async def _send(
-        self, stub: tandem_pb2_grpc.TandemStub, request: LoadRequest
-    ) -> tuple[RequestRecord, list[int]]:
+    async def _send(self, request: LoadRequest) -> tuple[RequestRecord, list[int]]:
         record = RequestRecord(
             len(self.records), request.group, self.now(), len(request.prompt_ids),
             request.max_tokens,
         )
         self.records.append(record)
         generated: list[int] = []
-        message = pb.GenerateRequest(
-            token_ids=pb.TokenIds(ids=request.prompt_ids),
-            params=pb.SamplingParameters(
-                max_tokens=request.max_tokens, temperature=self.temperature, ignore_eos=True
-            ),
-        )
         self.in_flight += 1
         last = None
         try:
-            call = stub.Generate(message, timeout=self.limits.timeout_s, metadata=self.metadata)
-            async for chunk in call:
-                if chunk.token_ids:
+            async for chunk in self.transport.generate(
+                request.prompt_ids, request.max_tokens, self.temperature, self.limits.timeout_s
+            ):
+                if chunk.tokens:
                     t = self.now()
                     if last is None:
                         record.first_token_s = t
-                        gaps = len(chunk.token_ids) - 1
+                        gaps = chunk.tokens - 1
                     else:
-                        gaps = len(chunk.token_ids)
+                        gaps = chunk.tokens
                     if gaps and last is not None:
                         record.itl_s += [(t - last) / gaps] * gaps
                     elif gaps:  # several tokens in the first chunk: no measurable gap
                         record.itl_s += [0.0] * gaps
                     last = t
+                    record.output_tokens += chunk.tokens
                     generated += chunk.token_ids
-                if chunk.HasField("usage"):
-                    record.cached_tokens = chunk.usage.cached_tokens
-        except grpc.aio.AioRpcError as err:
-            record.status, record.error = err.code().name, err.details() or ""
-            for key, value in err.trailing_metadata() or ():
-                if key == "retry-after":
-                    record.retry_after_s = float(value)
+                if chunk.cached_tokens is not None:
+                    record.cached_tokens = chunk.cached_tokens
+        except RequestFailed as err:
+            record.status, record.error = err.status, err.details
+            record.retry_after_s = err.retry_after_s
         finally:
             self.in_flight -= 1
             record.end_s = self.now()
-            record.output_tokens = len(generated)
         return record, generated
 
     def _refuse(self, request: LoadRequest) -> None:
@@ -178,7 +167,7 @@ class Driver:
     async def open_loop(self, requests: Iterator[LoadRequest], times: Iterator[float]) -> None:
         """Each request at its own `at_s` (trace) or at the next arrival time."""
 
-        async def body(stub) -> None:
+        async def body() -> None:
             tasks = set()
             for request in itertools.islice(requests, self.limits.max_requests):
                 at = request.at_s if request.at_s is not None else next(times, None)
@@ -188,7 +177,7 @@ class Driver:
                 if self.in_flight >= self.limits.max_in_flight:
                     self._refuse(request)
                     continue
-                task = asyncio.create_task(self._send(stub, request))
+                task = asyncio.create_task(self._send(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -201,27 +190,33 @@ class Driver:
         gives none) before its next one, as a well-behaved client does."""
         budget = itertools.count()
 
-        async def worker(stub) -> None:
+        async def worker() -> None:
             for request in requests:
                 if next(budget) >= self.limits.max_requests or self.now() >= self.limits.duration_s:
                     return
-                record, _ = await self._send(stub, request)
+                record, _ = await self._send(request)
                 if record.status == "RESOURCE_EXHAUSTED":
                     await asyncio.sleep(record.retry_after_s or 1.0)
 
-        async def body(stub) -> None:
-            await asyncio.gather(*(worker(stub) for _ in range(workers)))
+        async def body() -> None:
+            await asyncio.gather(*(worker() for _ in range(workers)))
 
         await self._run(body)
 
     async def chat(self, sessions: ChatSessions, seed: int, max_context: int) -> None:
-        """A conversation whose next turn would pass `max_context` tokens starts over."""
+        """A conversation whose next turn would pass `max_context` tokens starts over.
+        Needs a transport that returns the answers' token ids (gRPC)."""
+        if not self.transport.gives_token_ids:
+            raise ValueError(
+                f"the chat workload sends each answer back as token ids, which "
+                f"{type(self.transport).__name__} does not return: use the gRPC API"
+            )
         budget = itertools.count()
         rng = random.Random(seed)
         system = sessions.vocab.tokens(rng, sessions.system_tokens)
         seeds = [rng.randrange(1 << 30) for _ in range(sessions.conversations)]
 
-        async def conversation(stub, number: int) -> None:
+        async def conversation(number: int) -> None:
             crng = random.Random(seeds[number])
             prompt = system
             await asyncio.sleep(crng.uniform(0.0, sessions.think_s))  # stagger the starts
@@ -234,15 +229,15 @@ class Driver:
                 if len(prompt) + max_tokens > max_context:
                     prompt = system + message
                 request = LoadRequest(prompt, max_tokens, f"chat{number}")
-                record, answer = await self._send(stub, request)
+                record, answer = await self._send(request)
                 if not record.ok:
                     return
                 prompt += tuple(answer)
                 await asyncio.sleep(crng.expovariate(1.0 / sessions.think_s))
 
-        async def body(stub) -> None:
+        async def body() -> None:
             await asyncio.gather(
-                *(conversation(stub, n) for n in range(sessions.conversations))
+                *(conversation(n) for n in range(sessions.conversations))
             )
 
         await self._run(body)
@@ -250,11 +245,10 @@ class Driver:
     async def _run(self, body) -> None:
         if self._origin is None:
             self._start = time.monotonic()
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = tandem_pb2_grpc.TandemStub(channel)
+        async with self.transport:
             ticker = asyncio.create_task(self._tick()) if self.progress else None
             try:
-                await body(stub)
+                await body()
             finally:
                 if ticker is not None:
                     ticker.cancel()

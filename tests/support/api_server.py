@@ -1,12 +1,14 @@
-"""A grpc.aio server in the test process, for tests that talk to it over loopback.
+"""A grpc.aio server (and the HTTP app) in the test process, for tests that talk to it
+over loopback.
 
     EventLoopThread   an asyncio loop on a thread: servers run there; the tests call them
                       through blocking clients, as a real client process would
+    HttpServer        the OpenAI-compatible HTTP app served by uvicorn on that loop
     FaultHooks        faults injected into a real LLMEngine (paused, slowed, stuck, failing)
     new_backend()     the in-process backend on a real engine, with its fault hooks
 
-Used by tests/test_grpc_api.py, tests/test_grpc_standard.py, tests/test_input_limits.py and
-bench/hostile_input.py.
+Used by tests/test_grpc_api.py, tests/test_grpc_standard.py, tests/test_input_limits.py,
+tests/test_http_api.py, tests/test_loadtest.py and bench/hostile_input.py.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import threading
 import time
 from pathlib import Path
 
+import uvicorn
+
 from tandem.cluster.api.backend import GenerationBackend, InProcessBackend, InProcessBackendConfig
 from tandem.cluster.api.server import ServerConfig, TandemServer
+from tandem.cluster.http.app import HttpConfig, build_http_app
 from tandem.workers.engine.async_engine import AsyncLLMEngine
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
 
@@ -52,6 +57,28 @@ class EventLoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+class HttpServer:
+    """The HTTP app served by uvicorn on the test's event loop thread."""
+
+    def __init__(self, loop_thread: EventLoopThread, backend, config: HttpConfig) -> None:
+        self._lt = loop_thread
+        app = build_http_app(backend, config)
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        )
+        self._task = asyncio.run_coroutine_threadsafe(self._server.serve(), loop_thread.loop)
+        deadline = time.monotonic() + 30
+        while not (self._server.started or self._task.done()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls the start, bounded
+        assert self._server.started, self._task.result()
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}/v1"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._task.result(30)
 
 
 class FaultHooks:
