@@ -57,15 +57,15 @@ class AllToAllDispatcher(ExpertDispatcher):
         order = lo * top_k + torch.argsort(owner[lo * top_k : hi * top_k], stable=True)
         token = order // top_k  # [S k] global token of each sent pair
         rows_in = x.new_empty((sum(recv_splits), d))
-        dist.all_to_all_single(rows_in, x[token].contiguous(), recv_splits, send_splits,
-                               group=self.group)
+        dist.all_to_all_single(
+            rows_in, x[token].contiguous(), recv_splits, send_splits, group=self.group
+        )
 
         # Owner: the received pairs are every pair I own, in pair order (see above).
         mine = torch.nonzero(owner == rank, as_tuple=True)[0]  # [P]
         y = compute(rows_in, self.local_ids(x.device)[flat[mine]], weights.reshape(-1)[mine])
         y_back = y.new_empty((order.numel(), d))
-        dist.all_to_all_single(y_back, y.contiguous(), send_splits, recv_splits,
-                               group=self.group)
+        dist.all_to_all_single(y_back, y.contiguous(), send_splits, recv_splits, group=self.group)
 
         # Slices padded to one size: all_gather needs equal shapes.
         part = torch.zeros((rows_per_rank, d), dtype=torch.float32, device=x.device)

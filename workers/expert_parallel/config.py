@@ -36,5 +36,6 @@ class ExpertParallelConfig:
             )
         for name in ("timeout_s", "start_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"ExpertParallelConfig.{name} must be > 0, got "
-                                 f"{getattr(self, name)}")
+                raise ValueError(
+                    f"ExpertParallelConfig.{name} must be > 0, got {getattr(self, name)}"
+                )

@@ -15,6 +15,11 @@ adds a collective per layer; it was not built or measured here: on CPU/gloo the
 collective's latency says nothing about NVLink, and the 120b's attention weights (about
 1.2 GB in bf16) are small beside its experts, so replication costs little memory. The
 GPU run (issue 18) is where the two can be compared.
+
+KV that arrives by transfer (a decode worker's remote prefill) lands in rank 0's cache;
+ExpertParallelEngine.complete_remote copies those blocks to the followers before any
+step reads them (kv_replica.py says why one copy over the network and a broadcast inside
+the node).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine, ModelFacts
+from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine, ModelFacts, RemoteSlot
+from tandem.workers.engine.outputs import RequestOutput
 from tandem.workers.engine.runner import ModelRunner
+from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.engine.scheduler import SchedulerOutput
 from tandem.workers.expert_parallel.config import ExpertParallelConfig
 from tandem.workers.expert_parallel.leader import ExpertParallelFailure, FollowerSet
@@ -35,7 +42,12 @@ from tandem.workers.expert_parallel.step_messages import StepInputs
 from tandem.workers.model.gpt_oss import GptOssModel
 from tandem.workers.text.tokenizer import Tokenizer
 
-__all__ = ["ExpertParallelFailure", "ExpertParallelRunner", "build_engine"]
+__all__ = [
+    "ExpertParallelEngine",
+    "ExpertParallelFailure",
+    "ExpertParallelRunner",
+    "build_engine",
+]
 
 
 class ExpertParallelRunner(ModelRunner):
@@ -62,11 +74,51 @@ class ExpertParallelRunner(ModelRunner):
         with self.followers.step(StepInputs.from_scheduled(out.scheduled, self.num_groups)):
             return super().execute(out, after_layer)
 
+    def share_blocks(self, block_ids: Sequence[Sequence[int]]) -> None:
+        """Copy blocks block_ids[g] (every layer of KV group g), written into this rank's
+        cache outside a step, to the followers' caches."""
+        config = self.model.config
+        groups = [config.kv_group_of_layer(i) for i in range(config.num_hidden_layers)]
+        self.followers.share_blocks(self.kv_caches, groups, block_ids)
+
     def check_alive(self) -> None:
         self.followers.check_alive()
 
     def close(self) -> None:
         self.followers.close()
+
+
+class ExpertParallelEngine(LLMEngine):
+    """The engine of an N-rank worker: LLMEngine, plus the remote-prefill hand-off.
+
+    add_remote_request reserves the blocks a KV transfer fills in rank 0's cache;
+    complete_remote (the KV arrived) first copies them to every follower, then lets the
+    request decode. Nothing else differs from one process.
+    """
+
+    runner: ExpertParallelRunner
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._remote_blocks: dict[str, tuple[tuple[int, ...], ...]] = {}
+        # request id -> the blocks its transfer fills, per KV group, until complete_remote
+
+    def add_remote_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str
+    ) -> RemoteSlot | None:
+        slot = super().add_remote_request(prompt_token_ids, params, request_id)
+        running = self.running_ids()
+        for gone in [r for r in self._remote_blocks if r not in running]:
+            del self._remote_blocks[gone]  # aborted or failed over to a local prefill
+        if slot is not None:
+            self._remote_blocks[slot.request_id] = slot.dest_block_ids
+        return slot
+
+    def complete_remote(self, request_id: str, first_token: int) -> RequestOutput:
+        blocks = self._remote_blocks.pop(request_id, None)
+        if blocks is not None:
+            self.runner.share_blocks(blocks)
+        return super().complete_remote(request_id, first_token)
 
 
 def build_engine(
@@ -93,8 +145,9 @@ def build_engine(
         tokenizer = Tokenizer.from_dir(model_dir)
         facts = ModelFacts.read(model_dir, config, ec.max_model_len)
         factory = functools.partial(ExpertParallelRunner, followers=followers)
-        return LLMEngine(model, config, tokenizer, facts, ec, device, dtype,
-                         runner_factory=factory)
+        return ExpertParallelEngine(
+            model, config, tokenizer, facts, ec, device, dtype, runner_factory=factory
+        )
     except BaseException:
         followers.close()
         raise

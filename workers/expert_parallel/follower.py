@@ -4,10 +4,11 @@
 
 It joins the group, loads its experts, reports ready through the store, then repeats
 what rank 0 broadcasts (step_messages.py): every STEP runs the same model forward as
-rank 0 (its layers' collectives pair with rank 0's), writing its own replicated KV cache;
-it never samples. It exits 0 on STOP and 1 on any error (a failed collective, rank 0
-gone, a timeout): exiting closes its sockets, so the other ranks fail at once instead of
-waiting for the timeout.
+rank 0 (its layers' collectives pair with rank 0's), writing its own replicated KV cache,
+and every BLOCKS message copies rank 0's transferred KV blocks into it; it never samples.
+It exits 0 on STOP and 1 on any error (a failed collective, rank 0 gone, a timeout):
+exiting closes its sockets, so the other ranks fail at once instead of waiting for the
+timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from tandem.workers.expert_parallel.config import ExpertParallelConfig
 from tandem.workers.expert_parallel.group import connect_store, join_group, leave_group
+from tandem.workers.expert_parallel.kv_replica import broadcast_blocks, parse_blocks_body
 from tandem.workers.expert_parallel.rank_model import load_rank_model, rank_device
 from tandem.workers.expert_parallel.step_messages import HEADER_LEN, Command, StepInputs
 from tandem.workers.model.attention import build_attention_metadata
@@ -70,6 +72,9 @@ def run_follower(args: FollowerArgs) -> None:
     del store
     header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
     kv_caches, block_size, num_groups = None, 0, len(model.config.kv_groups)
+    layer_groups = [
+        model.config.kv_group_of_layer(i) for i in range(model.config.num_hidden_layers)
+    ]
     while True:
         dist.broadcast(header, src=0)
         command, a, b, c = header.tolist()
@@ -85,8 +90,14 @@ def run_follower(args: FollowerArgs) -> None:
                 model.config, body.tolist(), block_size, model.dtype, device
             )
             continue
-        if command != Command.STEP or kv_caches is None:
+        if command not in (Command.STEP, Command.BLOCKS) or kv_caches is None:
             raise RuntimeError(f"unexpected message {header.tolist()} (before INIT?)")
+        if command == Command.BLOCKS:
+            body = torch.empty(a + b, dtype=torch.int64, device=device)
+            dist.broadcast(body, src=0)
+            block_ids = parse_blocks_body(body.tolist(), num_groups)
+            broadcast_blocks(kv_caches, layer_groups, block_ids, args.rank)
+            continue
         size = b + 2 * a + num_groups * a + c
         body = torch.empty(size, dtype=torch.int64, device=device)
         dist.broadcast(body, src=0)
@@ -113,8 +124,7 @@ def run_step(
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m tandem.workers.expert_parallel.follower '<json>'",
-              file=sys.stderr)
+        print("usage: python -m tandem.workers.expert_parallel.follower '<json>'", file=sys.stderr)
         return 2
     args = FollowerArgs.from_json(argv[0])
     try:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tandem.workers.expert_parallel.config import ExpertParallelConfig
 from tandem.workers.expert_parallel.follower import READY_KEY, FollowerArgs
 from tandem.workers.expert_parallel.group import host_rendezvous, join_group, leave_group
+from tandem.workers.expert_parallel.kv_replica import blocks_body, broadcast_blocks
 from tandem.workers.expert_parallel.step_messages import Command, StepInputs, header_tensor
 
 _REAP_S = 2.0
@@ -83,11 +84,17 @@ class FollowerSet:
                     kernels=kernels,
                     ep=asdict(ep),
                 )
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "tandem.workers.expert_parallel.follower",
-                     args.to_json()],
-                    stdin=subprocess.DEVNULL,
-                ))
+                self.processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tandem.workers.expert_parallel.follower",
+                            args.to_json(),
+                        ],
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
             join_group(self._store, 0, ep.size, device, ep.timeout_s)
         except BaseException:
             self._kill_all()
@@ -107,8 +114,7 @@ class FollowerSet:
                 if left <= 0:
                     self._kill_all()
                     raise ExpertParallelFailure(
-                        f"expert-parallel rank {rank} not ready within "
-                        f"{self.ep.start_timeout_s} s"
+                        f"expert-parallel rank {rank} not ready within {self.ep.start_timeout_s} s"
                     )
                 try:
                     self._store.wait([key], timedelta(seconds=min(1.0, left)))
@@ -116,8 +122,9 @@ class FollowerSet:
                 except (dist.DistStoreError, RuntimeError):
                     continue
         self._store = None  # the group is up; the rendezvous store is no longer needed
-        self._heartbeat = threading.Thread(target=self._beat, name="tandem-ep-heartbeat",
-                                           daemon=True)
+        self._heartbeat = threading.Thread(
+            target=self._beat, name="tandem-ep-heartbeat", daemon=True
+        )
         self._heartbeat.start()
 
     # ------------------------------------------------------------------ messages
@@ -126,9 +133,27 @@ class FollowerSet:
         """Tell the followers the KV cache shape to allocate (rank 0's, replicated)."""
         with self._guard("INIT"):
             body = torch.tensor(list(blocks_per_group), dtype=torch.int64, device=self.device)
-            dist.broadcast(header_tensor([Command.INIT, block_size, body.numel()], self.device),
-                           src=0)
+            dist.broadcast(
+                header_tensor([Command.INIT, block_size, body.numel()], self.device), src=0
+            )
             dist.broadcast(body, src=0)
+
+    def share_blocks(
+        self,
+        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        layer_groups: Sequence[int],
+        block_ids: Sequence[Sequence[int]],
+    ) -> None:
+        """Copy blocks block_ids[g] of rank 0's cache (every layer of group g) to the
+        followers' caches (kv_replica.py); between steps, like a step."""
+        if not any(block_ids):
+            return
+        with self._guard("KV blocks"):
+            body = blocks_body(block_ids)
+            header = [Command.BLOCKS, len(block_ids), len(body) - len(block_ids)]
+            dist.broadcast(header_tensor(header, self.device), src=0)
+            dist.broadcast(torch.tensor(body, dtype=torch.int64, device=self.device), src=0)
+            broadcast_blocks(kv_caches, layer_groups, block_ids, rank=0)
 
     @contextlib.contextmanager
     def step(self, inputs: StepInputs) -> Iterator[None]:
@@ -243,4 +268,3 @@ class FollowerSet:
         for p in self.processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5.0)
-

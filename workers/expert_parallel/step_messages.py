@@ -7,6 +7,9 @@ Every message is a fixed header, then (for INIT and STEP) one body tensor:
     STEP       a = R (requests), b = T (tokens), c = X    body [T + 2R + GR + X]:
                    token ids [T] | seq_lens [R] | num_new_tokens [R]
                    | table lengths [G, R] | table entries [X] (group-major, request order)
+    BLOCKS     a = G, b = X                                body [G + X]: ids per group
+                   counts [G] | block ids [X] (group-major); then one broadcast per
+                   layer with blocks (kv_replica.py): KV that arrived by transfer
     HEARTBEAT  (no body): the engine is idle but alive; the followers keep waiting
     STOP       (no body): leave the group and exit 0
 
@@ -34,6 +37,7 @@ class Command(IntEnum):
     STEP = 2
     HEARTBEAT = 3
     STOP = 4
+    BLOCKS = 5
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,11 @@ class StepInputs:
         )
 
     def positions(self) -> list[int]:
-        return [p for n, s in zip(self.num_new_tokens, self.seq_lens, strict=True)
-                for p in range(s - n, s)]
+        return [
+            p
+            for n, s in zip(self.num_new_tokens, self.seq_lens, strict=True)
+            for p in range(s - n, s)
+        ]
 
     def encode(self) -> tuple[list[int], list[int]]:
         """(header, body) as int lists for STEP."""
@@ -100,7 +107,7 @@ class StepInputs:
         lengths = take(num_groups * num_reqs)
         tables = []
         for g in range(num_groups):
-            tables.append(tuple(tuple(take(n)) for n in lengths[g * num_reqs:(g + 1) * num_reqs]))
+            tables.append(tuple(tuple(take(n)) for n in lengths[g * num_reqs : (g + 1) * num_reqs]))
         return StepInputs(tuple(token_ids), tuple(seq_lens), tuple(num_new), tuple(tables))
 
 

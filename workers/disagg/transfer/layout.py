@@ -7,7 +7,8 @@ only the number of blocks of each group may differ (each worker sizes its own po
 
 Cache of one layer (both ends, see the brief's paged-cache contract):
 
-    key_cache / value_cache  [num_blocks_of_its_group, block_size, num_kv_heads, head_dim]
+    key_cache / value_cache  [num_blocks_of_its_group, block_size, heads_per_rank, head_dim]
+                             (heads_per_rank = num_kv_heads / kv_head_shards)
     block b of group g       = slots b*block_size .. (b+1)*block_size - 1 in every layer of g
 """
 
@@ -51,16 +52,25 @@ class KVLayout:
     # KV group index of every layer (index into config.kv_groups: full first, then sliding).
     num_kv_heads: int
     head_dim: int
+    kv_head_shards: int = 1
+    # Ranks of one worker its KV heads are split over: rank i holds heads [i H/S, (i+1) H/S)
+    # and its cache has H/S heads. 1: every rank holds every head (replicated attention, as
+    # expert-parallel workers of any size run it; workers/expert_parallel/kv_replica.py), so
+    # a worker's rank count is not part of its layout, only how its heads are split.
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
+        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim", "kv_head_shards"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_kv_heads % self.kv_head_shards:
+            raise ValueError(
+                f"kv_head_shards {self.kv_head_shards} must divide num_kv_heads {self.num_kv_heads}"
+            )
         if not isinstance(self.layer_groups, tuple):
             raise ValueError(
                 f"layer_groups must be a tuple, got {type(self.layer_groups).__name__}"
@@ -106,7 +116,12 @@ class KVLayout:
     def block_bytes(self) -> int:
         """Bytes of one block of one layer's key cache (the value cache has as many)."""
         element = torch.empty((), dtype=self.torch_dtype).element_size()
-        return self.block_size * self.num_kv_heads * self.head_dim * element
+        return self.block_size * self.heads_per_rank * self.head_dim * element
+
+    @property
+    def heads_per_rank(self) -> int:
+        """KV heads in one rank's cache."""
+        return self.num_kv_heads // self.kv_head_shards
 
     def layers_of_group(self, group: int) -> tuple[int, ...]:
         return tuple(i for i, g in enumerate(self.layer_groups) if g == group)
@@ -125,7 +140,7 @@ class KVLayout:
         """Validate per-layer (key, value) caches against this layout; return blocks per group.
 
         All caches must be contiguous, on one device, of this dtype and of shape
-        [num_blocks_of_group, block_size, num_kv_heads, head_dim], with one block count per
+        [num_blocks_of_group, block_size, heads_per_rank, head_dim], with one block count per
         group (layers of a group share block ids).
         """
         if len(kv_caches) != self.num_layers:
@@ -144,7 +159,7 @@ class KVLayout:
                     raise ValueError(f"{where} is on {cache.device}, layer 0 is on {device}")
                 if not cache.is_contiguous():
                     raise ValueError(f"{where} must be contiguous")
-                expected = (self.block_size, self.num_kv_heads, self.head_dim)
+                expected = (self.block_size, self.heads_per_rank, self.head_dim)
                 if cache.dim() != 4 or tuple(cache.shape[1:]) != expected:
                     raise ValueError(
                         f"{where} has shape {tuple(cache.shape)}, expected [num_blocks, "
