@@ -25,6 +25,8 @@ from tandem.workers.expert_parallel.engine import (
     ExpertParallelRunner,
     build_engine,
 )
+from tandem.workers.expert_parallel.placement import ExpertPlacement
+from tandem.workers.expert_parallel.rank_model import expert_nbytes
 from tandem.workers.expert_parallel.step_messages import StepInputs
 from tandem.workers.synthetic.checkpoint_writer import tiny_config, write_random_checkpoint
 
@@ -202,14 +204,29 @@ def test_random_checkpoints_odd_splits(tiny_model_dir, tmp_path, experts, top_k,
     model_dir = write_random_checkpoint(tmp_path / "ckpt", config, seed=experts)
     shutil.copy(tiny_model_dir / "tokenizer.json", model_dir / "tokenizer.json")
     prompts, params = [list(range(3, 43))], _greedy(tokens)
-    [expected] = LLMEngine.from_model_dir(model_dir, ENGINE).generate(prompts, params)
+    one_process = LLMEngine.from_model_dir(model_dir, ENGINE)
+    [expected] = one_process.generate(prompts, params)
     ep = ExpertParallelConfig(size=ranks, placement=placement, dispatch=dispatch,
                               timeout_s=60)
     engine = build_engine(model_dir, ENGINE, ep)
     try:
         [got] = engine.generate(prompts, params)
+        # Each rank's memory holds only its experts: rank 0's model here, the followers'
+        # as they reported them from their own processes.
+        loads = {0: (engine.runner.model.expert_ids, expert_nbytes(engine.runner.model))}
+        for rank, load in engine.runner.followers.loaded.items():
+            loads[rank] = (load.expert_ids, load.expert_nbytes)
     finally:
         engine.runner.close()
+    per_expert = expert_nbytes(one_process.runner.model) // experts
+    assert per_expert > 0 and sorted(loads) == list(range(ranks))
+    split = ExpertPlacement(experts, ranks, placement)
+    for rank, (held, nbytes) in loads.items():
+        assert held == split.experts_of(rank)
+        assert nbytes == len(held) * per_expert, rank
+    assert sum(nbytes for _, nbytes in loads.values()) == expert_nbytes(one_process.runner.model)
+    # 5 on 2: one rank holds one expert fewer; 8 on 4: two each.
+    assert len({len(held) for held, _ in loads.values()}) == (1 if experts % ranks == 0 else 2)
     assert got.token_ids == expected.token_ids and len(got.token_ids) == tokens
     for a, b in zip(got.logprobs, expected.logprobs, strict=True):
         assert [t for t, _ in a.top] == [t for t, _ in b.top]

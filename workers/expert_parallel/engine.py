@@ -37,6 +37,7 @@ from tandem.workers.engine.sampling_params import SamplingParams
 from tandem.workers.engine.scheduler import SchedulerOutput
 from tandem.workers.expert_parallel.config import ExpertParallelConfig
 from tandem.workers.expert_parallel.leader import ExpertParallelFailure, FollowerSet
+from tandem.workers.expert_parallel.placement import ExpertPlacement
 from tandem.workers.expert_parallel.rank_model import load_rank_model
 from tandem.workers.expert_parallel.step_messages import StepInputs
 from tandem.workers.model.gpt_oss import GptOssModel
@@ -142,6 +143,7 @@ def build_engine(
     try:
         model, config = load_rank_model(model_dir, ep, 0, device, dtype, ec.kernels)
         followers.wait_ready()
+        _check_placement(followers, config.num_local_experts, ep)
         tokenizer = Tokenizer.from_dir(model_dir)
         facts = ModelFacts.read(model_dir, config, ec.max_model_len)
         factory = functools.partial(ExpertParallelRunner, followers=followers)
@@ -151,3 +153,14 @@ def build_engine(
     except BaseException:
         followers.close()
         raise
+
+
+def _check_placement(followers: FollowerSet, num_experts: int, ep: ExpertParallelConfig) -> None:
+    """Every follower holds exactly the experts the placement gives it."""
+    placement = ExpertPlacement(num_experts, ep.size, ep.placement)
+    for rank, load in sorted(followers.loaded.items()):
+        if load.expert_ids != placement.experts_of(rank):
+            raise ExpertParallelFailure(
+                f"expert-parallel rank {rank} loaded experts {list(load.expert_ids)}, "
+                f"its placement is {list(placement.experts_of(rank))}"
+            )

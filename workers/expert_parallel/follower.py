@@ -25,12 +25,38 @@ import torch.distributed as dist
 from tandem.workers.expert_parallel.config import ExpertParallelConfig
 from tandem.workers.expert_parallel.group import connect_store, join_group, leave_group
 from tandem.workers.expert_parallel.kv_replica import broadcast_blocks, parse_blocks_body
-from tandem.workers.expert_parallel.rank_model import load_rank_model, rank_device
+from tandem.workers.expert_parallel.rank_model import expert_nbytes, load_rank_model, rank_device
 from tandem.workers.expert_parallel.step_messages import HEADER_LEN, Command, StepInputs
 from tandem.workers.model.attention import build_attention_metadata
 from tandem.workers.model.gpt_oss import GptOssModel, allocate_kv_caches
 
 READY_KEY = "tandem/ep/ready/{rank}"
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What a follower loaded, reported with its ready key (JSON)."""
+
+    expert_ids: tuple[int, ...]
+    # Global ids of the experts it holds, ascending.
+    expert_nbytes: int
+    # Bytes of their tensors in its memory (every layer).
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"expert_ids": list(self.expert_ids), "expert_nbytes": self.expert_nbytes}
+        )
+
+    @staticmethod
+    def from_json(text: str) -> RankLoad:
+        """ValueError when the report is malformed."""
+        try:
+            data = json.loads(text)
+            ids = tuple(int(e) for e in data["expert_ids"])
+            nbytes = int(data["expert_nbytes"])
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"malformed rank load report {text[:80]!r}: {err}") from None
+        return RankLoad(ids, nbytes)
 
 
 @dataclass(frozen=True)
@@ -68,7 +94,9 @@ def run_follower(args: FollowerArgs) -> None:
     model, _ = load_rank_model(
         args.model_dir, ep, args.rank, device, getattr(torch, args.dtype), args.kernels
     )
-    store.set(READY_KEY.format(rank=args.rank), "1")
+    # What this rank holds, for rank 0 to check and report (RankLoad).
+    loaded = RankLoad(model.expert_ids, expert_nbytes(model))
+    store.set(READY_KEY.format(rank=args.rank), loaded.to_json())
     del store
     header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
     kv_caches, block_size, num_groups = None, 0, len(model.config.kv_groups)

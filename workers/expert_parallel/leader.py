@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from tandem.workers.expert_parallel.config import ExpertParallelConfig
-from tandem.workers.expert_parallel.follower import READY_KEY, FollowerArgs
+from tandem.workers.expert_parallel.follower import READY_KEY, FollowerArgs, RankLoad
 from tandem.workers.expert_parallel.group import host_rendezvous, join_group, leave_group
 from tandem.workers.expert_parallel.kv_replica import blocks_body, broadcast_blocks
 from tandem.workers.expert_parallel.step_messages import Command, StepInputs, header_tensor
@@ -58,6 +58,8 @@ class FollowerSet:
         self._heartbeat: threading.Thread | None = None
         self._beats = 0
         self._beat_done = threading.Condition()
+        self.loaded: dict[int, RankLoad] = {}
+        # rank -> the experts it reported loading (wait_ready), ranks 1..N-1
 
     # ------------------------------------------------------------------ start
 
@@ -102,8 +104,8 @@ class FollowerSet:
         return self
 
     def wait_ready(self) -> None:
-        """Block until every follower loaded its experts; raise if one exits or the start
-        outlives start_timeout_s."""
+        """Block until every follower loaded its experts (what each holds: `loaded`); raise
+        if one exits or the start outlives start_timeout_s."""
         assert self._store is not None
         deadline = time.monotonic() + self.ep.start_timeout_s
         for rank in range(1, self.ep.size):
@@ -121,6 +123,11 @@ class FollowerSet:
                     break
                 except (dist.DistStoreError, RuntimeError):
                     continue
+            try:
+                self.loaded[rank] = RankLoad.from_json(self._store.get(key).decode())
+            except ValueError as err:
+                self._kill_all()
+                raise ExpertParallelFailure(f"expert-parallel rank {rank}: {err}") from None
         self._store = None  # the group is up; the rendezvous store is no longer needed
         self._heartbeat = threading.Thread(
             target=self._beat, name="tandem-ep-heartbeat", daemon=True

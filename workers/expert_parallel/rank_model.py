@@ -44,3 +44,9 @@ def load_rank_model(
 def rank_device(device: torch.device, rank: int) -> torch.device:
     """Rank i of a CUDA worker uses GPU i (of the devices the process sees); CPU: cpu."""
     return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def expert_nbytes(model: GptOssModel) -> int:
+    """Bytes of the expert tensors (MXFP4 blocks, scales, biases) `model` holds, all layers."""
+    tensors = [p for layer in model.layers for p in layer.mlp.experts.parameters()]
+    return sum(p.numel() * p.element_size() for p in tensors)
