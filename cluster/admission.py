@@ -46,7 +46,7 @@ from dataclasses import dataclass
 class AdmissionConfig:
     max_start_delay_s: float = 2.0
     # The time to first token that admitted requests should keep.
-    initial_limit_tokens: int = 2048
+    initial_limit_tokens: int = 512
     # The backlog limit before anything is measured (slow start grows it from there).
     min_limit_tokens: int = 256
     # The limit never drops below this (an empty backlog always admits one request).
