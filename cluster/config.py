@@ -284,6 +284,12 @@ class TandemSettings:
     stall_ping_timeout_s: float = 2.0
     # A stream is stalled after stall_timeout_s without a delta when its decode replica
     # then fails an engine ping of stall_ping_timeout_s.
+    max_migrations: int = 2
+    # Times a stream may move off a failed or stalled decode replica (cluster_backend).
+    stall_timeout_s: float = 10.0
+    stall_ping_timeout_s: float = 2.0
+    # A stream is stalled after stall_timeout_s without a delta when its decode replica
+    # then fails an engine ping of stall_ping_timeout_s.
 
     def __post_init__(self) -> None:
         # The prompt's KV blocks move between the two pools as they are: same block size,
@@ -338,6 +344,9 @@ class TandemSettings:
             max_waiting_requests=args.ingress.max_waiting_requests,
             health_timeout_s=args.ingress.health_timeout_s,
             max_start_delay_s=args.ingress.max_start_delay_s,
+            max_migrations=args.ingress.max_migrations,
+            stall_timeout_s=args.ingress.stall_timeout_s,
+            stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
             max_migrations=args.ingress.max_migrations,
             stall_timeout_s=args.ingress.stall_timeout_s,
             stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,

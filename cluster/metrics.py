@@ -93,6 +93,15 @@ class IngressMetrics:
             ),
             tags,
         )
+        self._migrations = _tagged(
+            Counter(
+                "tandem_migrations_total",
+                description="Streams moved off a failed decode replica, by reason (died, "
+                "failed, ended, stalled).",
+                tag_keys=(*keys, "reason"),
+            ),
+            tags,
+        )
         self._waiting = _tagged(
             Gauge(
                 "tandem_waiting_requests",
@@ -118,6 +127,9 @@ class IngressMetrics:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         self._requests.inc(1, tags={"outcome": outcome})
+
+    def migration(self, reason: str) -> None:
+        self._migrations.inc(1, tags={"reason": reason})
 
     def placement_fallback(self, pool: str) -> None:
         self._fallbacks.inc(1, tags={"pool": pool})
