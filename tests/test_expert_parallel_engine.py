@@ -192,7 +192,7 @@ def test_prefix_hits_preemption_and_abort_as_in_one_process(tiny_model_dir):
 
 @pytest.mark.parametrize(
     ("experts", "top_k", "ranks", "placement", "dispatch", "tokens"),
-    [(5, 2, 2, "contiguous", "replicated", 64), (8, 3, 4, "round_robin", "all_to_all", 16)],
+    [(5, 2, 2, "contiguous", "replicated", 64), (8, 3, 4, "round_robin", "all_to_all", 64)],
 )
 def test_random_checkpoints_odd_splits(tiny_model_dir, tmp_path, experts, top_k, ranks,
                                        placement, dispatch, tokens):
