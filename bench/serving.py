@@ -23,6 +23,8 @@ Cases (each writes its rows into $OUT/serving.json as soon as it ends):
   step     256 requests of 1k prompts decoding together: the engine's step time
   tput256  1k in / 1k out, 512 requests submitted at once, 256 running
   tput512  1k in / 1k out, 1,024 requests at once, 512 running
+  tput1k8k 1k in / 8k out, 32 requests at once, 32 running (bounded to fit one device call)
+  tput8k1k 8k in / 1k out, 128 requests at once, 128 running (likewise)
   online   Poisson arrivals at several rates, 1k in / 256 out: TTFT and ITL
            percentiles, goodput at TTFT <= 1 s and mean ITL <= 50 ms
   parity   the same greedy requests with asynchronous scheduling off, then on (prefix
@@ -161,7 +163,9 @@ class Setup:
 FULL = Setup(
     smoke=False, dtype=torch.bfloat16, isl=1024, osl=1024, single_isls=(1024, 8192, 32768),
     single_osl=256, step_batch=256, step_osl=96,
-    tput={"tput256": (1024, 1024, 512, 256), "tput512": (1024, 1024, 1024, 512)},
+    tput={"tput256": (1024, 1024, 512, 256), "tput512": (1024, 1024, 1024, 512),
+          # bounded so that one device call holds them: fewer requests than running 256
+          "tput1k8k": (1024, 8192, 32, 32), "tput8k1k": (8192, 1024, 128, 128)},
     online_rates=(4.0, 8.0, 16.0), online_requests=120, online_osl=256,
     kv_cache_tokens=1_100_000, max_num_seqs=512, max_num_batched_tokens=8192,
     runner_batches=(1, 256, 512),
@@ -169,7 +173,8 @@ FULL = Setup(
 SMOKE = Setup(
     smoke=True, dtype=torch.float32, isl=32, osl=16, single_isls=(32, 64), single_osl=8,
     step_batch=8, step_osl=4,
-    tput={"tput256": (32, 16, 12, 4), "tput512": (32, 16, 16, 8)},
+    tput={"tput256": (32, 16, 12, 4), "tput512": (32, 16, 16, 8),
+          "tput1k8k": (32, 64, 4, 4), "tput8k1k": (64, 16, 4, 4)},
     online_rates=(20.0,), online_requests=6, online_osl=6,
     kv_cache_tokens=4096, max_num_seqs=8, max_num_batched_tokens=256, runner_batches=(1, 4),
 )
@@ -237,6 +242,25 @@ class StepLog:
     seconds: list[float] = field(default_factory=list)
     running: list[int] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
+    scheduled: list[int] = field(default_factory=list)  # requests in the step planned
+    tokens: list[int] = field(default_factory=list)  # tokens in it (prompt chunks + decodes)
+
+    def split(self) -> dict:
+        """Wall time of steps planned as pure decodes against steps carrying prompt tokens.
+        (With asynchronous scheduling a call's wall time is mostly the step before it
+        finishing on the GPU; over a whole run the sums still split the time.)"""
+        decode = [s for s, n, t in zip(self.seconds, self.scheduled, self.tokens, strict=True)
+                  if t == n and n > 0]
+        mixed = [(s, t - n) for s, n, t in zip(self.seconds, self.scheduled, self.tokens,
+                                                strict=True) if t > n]
+        return {"decode_steps": len(decode), "decode_s": sum(decode),
+                "decode_step_p50_s": percentile(decode, 50),
+                "decode_step_mean_s": sum(decode) / max(1, len(decode)),
+                "decode_rows_mean": (sum(n for n, t in zip(self.scheduled, self.tokens,
+                                                           strict=True) if t == n and n > 0)
+                                     / max(1, len(decode))),
+                "prompt_steps": len(mixed), "prompt_s": sum(s for s, _ in mixed),
+                "prompt_tokens": sum(p for _, p in mixed)}
 
 
 def params(max_tokens: int) -> SamplingParams:
@@ -252,6 +276,24 @@ def drive(
     engine until all finish. Returns the traces and the wall time."""
     traces: dict[str, Trace] = {}
     pending = sorted(arrivals, key=lambda a: a[0])
+    schedule = engine.scheduler.schedule
+    if log is not None:
+        def logged_schedule():
+            out = schedule()
+            log.scheduled.append(len(out.scheduled))
+            log.tokens.append(sum(r.num_new_tokens for r in out.scheduled))
+            return out
+
+        engine.scheduler.schedule = logged_schedule
+    try:
+        return _drive(engine, pending, traces, log)
+    finally:
+        if log is not None:
+            del engine.scheduler.schedule  # the bound method again
+
+
+def _drive(engine: LLMEngine, pending: list, traces: dict[str, Trace],
+           log: StepLog | None) -> tuple[dict[str, Trace], float]:
     start = time.perf_counter()
     i = 0
     while i < len(pending) or engine.has_unfinished():
@@ -391,8 +433,27 @@ def case_tput(setup: Setup, engine: LLMEngine, rng: random.Random, name: str) ->
     set_running_limit(engine, running)
     arrivals = [(0.0, p, osl) for p in prompts(rng, engine.config.vocab_size, isl, n)]
     log = StepLog()
-    traces, wall = drive(engine, arrivals, log)
+    before = engine.metrics()
+    gc_seconds = [0.0, 0]
+    gc_started = [0.0]
+
+    def gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_seconds[0] += time.perf_counter() - gc_started[0]
+            gc_seconds[1] += info["generation"] == 2
+
+    gc.callbacks.append(gc_timer)
+    try:
+        traces, wall = drive(engine, arrivals, log)
+    finally:
+        gc.callbacks.remove(gc_timer)
+    after = engine.metrics()
     row = summarize(traces, wall)
+    row.update({"preemptions": after["preemptions"] - before["preemptions"],
+                "pipelined_steps": after["pipelined_steps"] - before["pipelined_steps"],
+                "gc_s": gc_seconds[0], "gc_full_collections": gc_seconds[1]})
     full = [s for s, r, o in zip(log.seconds, log.running, log.outputs, strict=True)
             if r == running and o == running]
     other = [s for s, r, o in zip(log.seconds, log.running, log.outputs, strict=True)
@@ -400,6 +461,7 @@ def case_tput(setup: Setup, engine: LLMEngine, rng: random.Random, name: str) ->
     # Where the wall time goes: steps where the whole batch decoded, and the rest (prefill
     # and mixed steps, partly filled batches at the tails of the waves).
     row.update({"full_decode_s": sum(full), "other_steps": len(other), "other_s": sum(other)})
+    row["split"] = split = log.split()
     row.update({"isl": isl, "osl": osl, "running_limit": running,
                 "full_decode_steps": len(full), "full_step_p50_s": percentile(full, 50),
                 "vs_trt_llm": row["output_tok_s"] / TRT_LLM_1K1K_H100,
@@ -409,6 +471,13 @@ def case_tput(setup: Setup, engine: LLMEngine, rng: random.Random, name: str) ->
           f"ITL p50 {row['itl_p50_s'] * 1e3:.1f} p99 {row['itl_p99_s'] * 1e3:.1f} ms, "
           f"full-batch step p50 {row['full_step_p50_s'] * 1e3:.2f} ms; {len(full)} full-batch "
           f"steps {sum(full):.1f} s, {len(other)} other steps {sum(other):.1f} s", flush=True)
+    print(f"  planned as pure decode: {split['decode_steps']} steps {split['decode_s']:.1f} s "
+          f"(p50 {split['decode_step_p50_s'] * 1e3:.2f} ms, mean "
+          f"{split['decode_step_mean_s'] * 1e3:.2f} ms, {split['decode_rows_mean']:.0f} rows); "
+          f"with prompt tokens: {split['prompt_steps']} steps {split['prompt_s']:.1f} s, "
+          f"{split['prompt_tokens']} prompt tokens; {row['preemptions']:.0f} preemptions, "
+          f"{row['pipelined_steps']:.0f} pipelined steps, GC {row['gc_s']:.2f} s "
+          f"({row['gc_full_collections']} full)", flush=True)
     return row
 
 
@@ -468,11 +537,42 @@ def case_online(setup: Setup, engine: LLMEngine, rng: random.Random) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def _rows_bucket(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """MoETiling.for_batch's size classes: rows per expert <= 16, <= 32, <= 128, more."""
+    rows = -(-num_tokens * top_k // num_experts)
+    return next((i for i, bound in enumerate((16, 32, 128)) if rows <= bound), 3)
+
+
+def apply_moe_tilings(path: str) -> dict:
+    """Use the grouped-GEMM tilings of `path` ({T: MoETiling fields}, as
+    bench/gpu_moe_sweep.py --write-tilings writes them) for every batch of T's size class."""
+    from tandem.kernels import moe as moe_kernels
+
+    table = {int(t): moe_kernels.MoETiling(**fields)
+             for t, fields in json.loads(Path(path).read_text()).items()}
+    original = moe_kernels.MoETiling.for_batch
+
+    def for_batch(num_tokens: int, top_k: int, num_experts: int):
+        for tokens, tiling in table.items():
+            if (2 * num_tokens * top_k > num_experts
+                    and _rows_bucket(tokens, top_k, num_experts)
+                    == _rows_bucket(num_tokens, top_k, num_experts)):
+                return tiling
+        return original(num_tokens, top_k, num_experts)
+
+    moe_kernels.MoETiling.for_batch = staticmethod(for_batch)
+    print(f"MoE tilings from {path}: {table}", flush=True)
+    return {str(t): str(v) for t, v in table.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="size the KV cache from GPU memory instead of the fixed 1.1M tokens")
+    parser.add_argument("--moe-tilings", default=None,
+                        help="grouped-GEMM tilings to use (bench/gpu_moe_sweep.py "
+                             "--write-tilings): {T: MoETiling fields}")
     parser.add_argument("--cases",
                         default="runner,single,step,sync,parity,tput256,tput512,online")
     args = parser.parse_args()
@@ -493,6 +593,8 @@ def main() -> None:
             Path(out_dir, "serving.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"device {name}; torch {torch.__version__}; commit {result['commit']}", flush=True)
+    if args.moe_tilings and Path(args.moe_tilings).exists():
+        result["moe_tilings"] = apply_moe_tilings(args.moe_tilings)
     started = time.perf_counter()
     model = build_model(setup, device)
     tokenizer = real_size_tokenizer(model.config.vocab_size)
@@ -523,6 +625,8 @@ def main() -> None:
         "step": lambda: case_step(setup, engine, rng),
         "tput256": lambda: case_tput(setup, engine, rng, "tput256"),
         "tput512": lambda: case_tput(setup, engine, rng, "tput512"),
+        "tput1k8k": lambda: case_tput(setup, engine, rng, "tput1k8k"),
+        "tput8k1k": lambda: case_tput(setup, engine, rng, "tput8k1k"),
         "online": lambda: case_online(setup, engine, rng),
         "parity": lambda: case_parity(setup, engine, rng),
         "sync": lambda: case_sync_step(setup, engine, rng),
@@ -568,7 +672,7 @@ def report(result: dict) -> None:
     if "identical" in cases.get("parity", {}):
         parity = cases["parity"]
         print(f"parity: {parity['identical']}/{parity['requests']} requests equal")
-    for name in ("tput256", "tput512"):
+    for name in ("tput256", "tput512", "tput1k8k", "tput8k1k"):
         row = cases.get(name, {})
         if "output_tok_s" in row:
             print(f"{name}: {row['output_tok_s']:.0f} output tok/s ({row['vs_trt_llm']:.1%} of "

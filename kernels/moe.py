@@ -67,20 +67,39 @@ class MoETiling:
     # software-pipelining depth of the K loop
     down_block_n: int | None = None
     # output columns per program of the second GEMM; None: block_n
+    down_block_k: int | None = None
+    # contraction step of the second GEMM; None: block_k
+    down_num_warps: int | None = None
+    # warps per program of the second GEMM; None: num_warps
+    down_num_stages: int | None = None
+    # pipelining depth of the second GEMM; None: num_stages
 
     def __post_init__(self) -> None:
         sizes = {"block_m": self.block_m, "block_n": self.block_n, "block_k": self.block_k}
-        if self.down_block_n is not None:
-            sizes["down_block_n"] = self.down_block_n
+        for name in ("down_block_n", "down_block_k"):
+            if getattr(self, name) is not None:
+                sizes[name] = getattr(self, name)
         for name, value in sizes.items():
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.block_k < 32:
-            raise ValueError(f"block_k must be >= 32 (one MXFP4 group), got {self.block_k}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        for name in ("block_k", "down_block_k"):
+            value = getattr(self, name)
+            if value is not None and value < 32:
+                raise ValueError(f"{name} must be >= 32 (one MXFP4 group), got {value}")
+        for name in ("num_warps", "down_num_warps"):
+            value = getattr(self, name)
+            if value is not None and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{name} must be a power of two <= 16, got {value}")
+        for name in ("num_stages", "down_num_stages"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def down(self) -> tuple[int, int, int, int]:
+        """(block_n, block_k, num_warps, num_stages) of the second GEMM."""
+        return (self.down_block_n or self.block_n, self.down_block_k or self.block_k,
+                self.down_num_warps or self.num_warps, self.down_num_stages or self.num_stages)
 
     @staticmethod
     def for_batch(num_tokens: int, top_k: int, num_experts: int) -> "MoETiling":
@@ -339,16 +358,16 @@ def _routed_experts(x: torch.Tensor, route_weights: torch.Tensor, experts: torch
     )
 
     y = torch.empty((groups.num_pairs, d_model), dtype=torch.float32, device=x.device)
-    down_block_n = tiling.down_block_n or tiling.block_n
+    down_block_n, down_block_k, down_warps, down_stages = tiling.down
     grid = (num_blocks, triton.cdiv(d_model, down_block_n))
     _down_kernel[grid](
         act, down_blocks.contiguous(), down_scales.contiguous(), down_bias.contiguous(),
         route_weights.reshape(-1).contiguous(), y, groups.pair_ids, groups.block_expert,
         groups.num_pairs, d_model, d_ff, down_blocks.stride(1), down_scales.stride(1),
         act.stride(0), y.stride(0),
-        BLOCK_M=tiling.block_m, BLOCK_N=down_block_n, BLOCK_K=tiling.block_k,
+        BLOCK_M=tiling.block_m, BLOCK_N=down_block_n, BLOCK_K=down_block_k,
         DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        num_warps=down_warps, num_stages=down_stages,
     )
     return y
 

@@ -199,6 +199,17 @@ def test_moe_kernel_wider_second_gemm() -> None:
                      tiling=MoETiling(16, 32, 64, down_block_n=64), seed=seed)
 
 
+def test_moe_kernel_second_gemm_tiled_apart() -> None:
+    # The down GEMM with its own block_k (a masked K tail: d_ff = 96 over 64), warps and
+    # stages; the first GEMM keeps its own.
+    for dtype, seed in ((torch.float32, 15), (torch.bfloat16, 16)):
+        check_kernel(11, dtype, num_experts=4, d_model=64, d_ff=96, top_k=2,
+                     tiling=MoETiling(16, 32, 32, down_block_n=32, down_block_k=64,
+                                      down_num_warps=2, down_num_stages=2), seed=seed)
+    tiling = MoETiling(16, 32, 64, num_warps=4, num_stages=3, down_num_warps=8)
+    assert tiling.down == (32, 64, 8, 3)
+
+
 def test_moe_kernel_zero_tokens() -> None:
     w = make_weights(5, 64, 64, seed=9)
     out = moe_mxfp4(torch.empty(0, 64, device=DEVICE), **w, top_k=2)
@@ -212,6 +223,12 @@ def test_moe_rejects_bad_shapes() -> None:
         moe_mxfp4(torch.zeros(1, 64, device=DEVICE), **w, top_k=2)
     with pytest.raises(ValueError, match="block_k"):
         MoETiling(16, 16, 16)
+    with pytest.raises(ValueError, match="down_block_k"):
+        MoETiling(16, 16, 32, down_block_k=16)
+    with pytest.raises(ValueError, match="down_num_warps"):
+        MoETiling(16, 16, 32, down_num_warps=3)
+    with pytest.raises(ValueError, match="down_num_stages"):
+        MoETiling(16, 16, 32, down_num_stages=0)
     with pytest.raises(ValueError, match="down_block_n"):
         MoETiling(16, 32, 32, down_block_n=48)
 
