@@ -147,6 +147,12 @@ class GenerationBackend(ABC):
     async def check_health(self) -> HealthStatus:
         """Whether the backend can serve now, proven by a round trip through its engine."""
 
+    async def check_replica(self, replica_id: str) -> HealthStatus:
+        """Whether one worker replica of the backend serves now (grpc.health.v1 service
+        `tandem.v1.Replica/<id>`, HTTP `/health?replica=<id>`). A backend of no replicas
+        knows none."""
+        return HealthStatus(False, f"no replica {replica_id!r} in this backend")
+
     async def close(self) -> None:  # noqa: B027 - optional hook; most backends hold nothing
         """Release what the backend holds; later calls raise BackendUnavailable."""
 

@@ -16,13 +16,17 @@ through the engine at a time, not one each.
 Per service: "" (the whole server) and tandem.v1.Tandem follow the engine check; the
 health and reflection services themselves answer SERVING until the server drains.
 Watch streams follow the statuses the latest check (or drain) set.
+
+`tandem.v1.Replica/<replica id>` (Check only) is one worker replica's verdict
+(backend.check_replica), single-flight per replica like the server's own check, under
+the same timeout: a stopped replica answers nothing, and the timeout says NOT_SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+REPLICA_SERVICE_PREFIX = "tandem.v1.Replica/"
+# grpc.health.v1 service name of one worker replica: this prefix + its replica id.
+_MAX_REPLICA_ID = 256
 
 
 class ServerHealth:
@@ -53,6 +60,7 @@ class ServerHealth:
         self._timeout_s = timeout_s
         self._engine_services = ("", *engine_services)
         self._inflight: asyncio.Future[HealthStatus] | None = None
+        self._replica_checks: dict[str, asyncio.Future[HealthStatus]] = {}
         self.draining = False
         self.servicer = _StandardHealth(self)
         for name in (*engine_services, *other_services):
@@ -72,10 +80,27 @@ class ServerHealth:
             await self.servicer.set(name, SERVING if status.serving else NOT_SERVING)
         return status
 
-    async def _run_check(self) -> HealthStatus:
+    async def check_replica(self, replica_id: str) -> HealthStatus:
+        """One worker replica's verdict (single-flight per replica; not published to
+        Watch streams)."""
+        if self.draining:
+            return HealthStatus(False, "the server is draining")
+        inflight = self._replica_checks.get(replica_id)
+        if inflight is None:
+            inflight = asyncio.ensure_future(
+                self._run_check(lambda: self._backend.check_replica(replica_id))
+            )
+            self._replica_checks[replica_id] = inflight
+            inflight.add_done_callback(lambda _: self._replica_checks.pop(replica_id, None))
+        return await asyncio.shield(inflight)
+
+    async def _run_check(
+        self, check: Callable[[], Awaitable[HealthStatus]] | None = None
+    ) -> HealthStatus:
+        check = check or self._backend.check_health
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._backend.check_health()
+                return await check()
         except TimeoutError:
             return HealthStatus(
                 False, f"the backend's health check took longer than {self._timeout_s} s"
@@ -106,5 +131,9 @@ class _StandardHealth(HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         if request.service in self._health.engine_services and not self._health.draining:
             status = await self._health.check()
+            return health_pb2.HealthCheckResponse(status=SERVING if status.serving else NOT_SERVING)
+        replica = request.service.removeprefix(REPLICA_SERVICE_PREFIX)
+        if replica != request.service and 0 < len(replica) <= _MAX_REPLICA_ID:
+            status = await self._health.check_replica(replica)
             return health_pb2.HealthCheckResponse(status=SERVING if status.serving else NOT_SERVING)
         return await super().Check(request, context)

@@ -4,7 +4,8 @@
     POST /v1/responses          responses.py   the Responses API (gpt-oss reference shape)
     POST /v1/completions        completions.py raw prompt continuation
     GET  /v1/models             the backend's ModelCards
-    GET  /health                200 when the backend's engines answer, else 503 (no key)
+    GET  /health                200 when the backend's engines answer, else 503 (no key);
+                                ?replica=<id>: that worker replica's verdict
 
 `build_http_app(backend, config)` is mounted by the Ingress deployment (Ray Serve's HTTP
 proxy routes to it) and served by uvicorn in tests. Requests are checked and converted by
@@ -308,11 +309,15 @@ class OpenAIFront:
             }
         )
 
-    async def health(self) -> Response:
+    async def health(self, replica: str | None = None) -> Response:
+        """The backend's health, or with `replica` that one worker replica's."""
         timeout = self.config.health_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                status = await self.backend.check_health()
+                if replica is None:
+                    status = await self.backend.check_health()
+                else:
+                    status = await self.backend.check_replica(replica)
         except TimeoutError:
             return JSONResponse({"status": "NOT_SERVING", "detail": "health check timed out"}, 503)
         except Exception as err:  # a failing check is an unhealthy backend, not a crash
@@ -369,7 +374,7 @@ def build_http_app(backend: GenerationBackend, config: HttpConfig) -> FastAPI:
         return await guarded(answer, request)
 
     @app.get("/health")
-    async def health() -> Response:
-        return await front.health()
+    async def health(replica: str | None = None) -> Response:
+        return await front.health(replica)
 
     return app

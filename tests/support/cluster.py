@@ -77,9 +77,12 @@ def app_args(
     control_plane: Mapping[str, Any] | None = None,
     model_id: str = "tiny",
     ingress_args: Mapping[str, Any] | None = None,
+    more_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The application `args` (cluster/config.py TandemArgs) of a test cluster."""
+    """The application `args` (cluster/config.py TandemArgs) of a test cluster;
+    `more_args`: further top-level sections (e.g. `health`)."""
     return {
+        **dict(more_args or {}),
         **({"ingress": dict(ingress_args)} if ingress_args else {}),
         "cluster_name": cluster_name,
         "model": str(model_dir),
@@ -179,6 +182,7 @@ def serve_cluster(
     autoscaling: Mapping[str, Mapping[str, Any]] | None = None,
     ingress_args: Mapping[str, Any] | None = None,
     deployment_options: Mapping[str, Mapping[str, Any]] | None = None,
+    more_args: Mapping[str, Any] | None = None,
 ) -> Iterator[RunningCluster]:
     """Start Redis, Ray and the app; yields once every worker is in the registry and
     every Ingress replica runs. `autoscaling` maps a deployment name to its Serve
@@ -199,6 +203,7 @@ def serve_cluster(
             control_plane=control_plane,
             ingress_args=ingress_args,
             model_id=model_id,
+            more_args=more_args,
         )
 
         def deployment(name: str, replicas: int) -> dict[str, Any]:
