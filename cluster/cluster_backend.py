@@ -177,6 +177,8 @@ class ClusterBackend(GenerationBackend):
         self._failed: dict[str, float] = {}
         self.migrations: Counter[str] = Counter()
         # Streams moved to another replica, by reason (died, failed, ended, stalled).
+        self.stall_pings = 0
+        # Engine pings sent to decode replicas of streams that went quiet.
         self._poller: asyncio.Task | None = None
         self._closed = False
 
@@ -278,6 +280,7 @@ class ClusterBackend(GenerationBackend):
             "workers": [w.replica_id for w in self._workers],
             "excluded": sorted(w.replica_id for w in self._workers if self._failed_since(w)),
             "migrations": dict(self.migrations),
+            "stall_pings": self.stall_pings,
             **self.placement.state(),
         }
 
@@ -435,6 +438,7 @@ class ClusterBackend(GenerationBackend):
 
     async def _answers(self, replica: str) -> bool:
         """Whether the decode replica's engine loop passes a no-op in time."""
+        self.stall_pings += 1
         response = self._decode.check_engine.remote(**{PIN_KWARG: replica})
         try:
             async with asyncio.timeout(self.config.stall_ping_timeout_s):

@@ -14,15 +14,8 @@ from tandem.workers.disagg.roles import GenerateMessage
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
 from tandem.workers.engine.outputs import RequestOutput
 from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
+from tests.support.cluster import TEST_ENGINE
 
-ENGINE = dict(
-    device="cpu",
-    dtype="float32",
-    block_size=8,
-    kv_cache_tokens=4096,
-    max_num_seqs=16,
-    max_num_batched_tokens=96,
-)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
 SEEDED = SamplingParams(
     temperature=0.9,
@@ -40,7 +33,9 @@ SEEDED = SamplingParams(
 def engines(tiny_model_dir) -> tuple[LLMEngine, LLMEngine]:
     """The engine a request starts on, and the one it moves to (another process in a
     cluster; another engine object here, with its own caches and generators)."""
-    return tuple(LLMEngine.from_model_dir(tiny_model_dir, EngineConfig(**ENGINE)) for _ in "ab")
+    return tuple(
+        LLMEngine.from_model_dir(tiny_model_dir, EngineConfig(**TEST_ENGINE)) for _ in "ab"
+    )
 
 
 def run(
