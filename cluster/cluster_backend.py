@@ -172,9 +172,9 @@ class ClusterBackend(GenerationBackend):
         self._waiting = 0
         self.admission = AdmissionControl(config.admission)
         self._running: set[str] = set()
-        # Decode replicas seen failing a stream -> time.time() then; left out of placement
-        # until a heartbeat written after that (WorkerLoad.updated_at) shows them alive.
-        self._failed: dict[str, float] = {}
+        # Decode replicas seen failing a stream, left out of placement until the registry
+        # shows them heartbeating after the failure (_Failure).
+        self._failed: dict[str, _Failure] = {}
         self.migrations: Counter[str] = Counter()
         # Streams moved to another replica, by reason (died, failed, ended, stalled).
         self.stall_pings = 0
@@ -258,13 +258,14 @@ class ClusterBackend(GenerationBackend):
         return [w for w in self._workers if w.model == model and not self._failed_since(w)]
 
     def _failed_since(self, worker: WorkerInfo) -> bool:
-        failed_at = self._failed.get(worker.replica_id)
-        return failed_at is not None and worker.load.updated_at <= failed_at
+        failure = self._failed.get(worker.replica_id)
+        return failure is not None and not failure.heard_from_since
 
     def _suspect(self, replica: str | None) -> None:
-        """Leave `replica` out of placement until its next heartbeat (see _failed)."""
+        """Leave `replica` out of placement until it heartbeats again (_Failure)."""
         if replica is not None:
-            self._failed[replica] = time.time()
+            known = [w.load.updated_at for w in self._workers if w.replica_id == replica]
+            self._failed[replica] = _Failure(known[0] if known else float("-inf"))
 
     def load_view(self) -> LoadView:
         """The view the next placement decides from: workers serving this model only."""
@@ -295,8 +296,10 @@ class ClusterBackend(GenerationBackend):
         else:
             # Forget failures of replicas that left the registry or were heard from since.
             listed = {w.replica_id: w for w in self._workers}
-            for replica in list(self._failed):
-                if replica not in listed or not self._failed_since(listed[replica]):
+            for replica, failure in list(self._failed.items()):
+                if replica in listed:
+                    failure.saw(listed[replica].load.updated_at)
+                if replica not in listed or failure.heard_from_since:
                     del self._failed[replica]
         self.placement.report_index_size()
 
@@ -322,6 +325,7 @@ class ClusterBackend(GenerationBackend):
                 if streamed:
                     # A prefill worker computes prompts only: the decode replica prefills
                     # the prompt and the streamed tokens itself.
+                    self.placement.release(placement)
                     placement = replace(placement, prefill=None)
                 request_id = (
                     request.request_id if attempt == 0 else f"{request.request_id}~m{attempt}"
@@ -622,6 +626,32 @@ class _Attempt:
             self._prefilled()
         if self._placement.decode is not None:
             self._in_flight.finish(self._placement.decode)
+        self._tracked._backend.placement.release(self._placement)
+
+
+@dataclass
+class _Failure:
+    """A replica seen failing, and what the registry said of it since.
+
+    Its heartbeat time (WorkerLoad.updated_at) is on the worker's own clock, so it is
+    only compared with itself: a replica is alive again once that time has advanced
+    twice since the failure. Once is not enough: a heartbeat written just before the
+    failure may reach this ingress's view only after it; a dead or stopped replica
+    cannot write a second.
+    """
+
+    heartbeat: float
+    # The newest heartbeat time seen from it (-inf: none yet).
+    advances: int = 0
+
+    def saw(self, heartbeat: float) -> None:
+        if heartbeat > self.heartbeat:
+            self.heartbeat = heartbeat
+            self.advances += 1
+
+    @property
+    def heard_from_since(self) -> bool:
+        return self.advances >= 2
 
 
 class _ReplicaFailed(Exception):

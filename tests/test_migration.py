@@ -29,6 +29,7 @@ from ray import serve
 from tandem.cluster.api.gen import tandem_pb2 as pb
 from tandem.cluster.app import Ingress
 from tandem.cluster.client import TandemClient
+from tandem.cluster.cluster_backend import _Failure
 from tandem.cluster.config import DECODE, parse_args
 from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
 from tandem.workers.engine.sampling_params import SamplingParams
@@ -332,3 +333,17 @@ def test_second_failure_beyond_the_limit_ends_unavailable(cluster, reference):
     assert s.ended_at - killed_at < 5.0
     assert "max_migrations=1" in s.error.details()
     assert ingress_state(cluster, "limit-one")["migrations"] == {"died": 1}
+
+
+def test_a_failed_replica_is_placeable_after_two_new_heartbeats():
+    """The heartbeat seen at the failure, and one more (it may have been written just
+    before the failure), leave the replica out; a second new one brings it back."""
+    failure = _Failure(100.0)
+    for heartbeat, back in ((100.0, False), (99.0, False), (101.0, False), (101.0, False)):
+        failure.saw(heartbeat)
+        assert failure.heard_from_since is back
+    failure.saw(102.0)
+    assert failure.heard_from_since
+    unseen = _Failure(float("-inf"))  # not in the view when it failed
+    unseen.saw(5.0)
+    assert not unseen.heard_from_since
