@@ -106,7 +106,9 @@ def reference(model_dir) -> LLMEngine:
 @pytest.fixture(scope="module")
 def served(model_dir, loop_thread):
     backend, llm, _ = new_backend(model_dir, model_id="tiny")
-    server = loop_thread.start_server(backend)
+    # Many invalid requests on one channel, on purpose: no refusal budget here (its own
+    # test is tests/test_refusals.py).
+    server = loop_thread.start_server(backend, refusals=None)
     yield server, backend, llm
     loop_thread.run(server.stop(0))
     loop_thread.run(backend.close())

@@ -130,7 +130,9 @@ def test_limits_are_validated():
 def client() -> Iterator[TandemClient]:
     loop_thread = EventLoopThread()
     backend, _, _ = new_backend(default_model_dir())
-    server = loop_thread.start_server(backend)
+    # Many invalid requests on one channel, on purpose: no refusal budget here (its own
+    # test is tests/test_refusals.py).
+    server = loop_thread.start_server(backend, refusals=None)
     with TandemClient(server.target) as c:
         yield c
     loop_thread.run(server.stop(0))

@@ -54,6 +54,7 @@ from tandem.cluster.api.gen import tandem_pb2_grpc
 from tandem.cluster.api.health import HEALTH_SERVICE_NAME, ServerHealth
 from tandem.cluster.api.limits import DEFAULT_LIMITS, RequestLimits
 from tandem.cluster.api.proto_scan import first_over_limit
+from tandem.cluster.api.refusals import RefusalBudget, RefusalBudgetConfig, Throttled
 from tandem.workers.engine.sampling_params import SamplingParams, SamplingParamsError
 from tandem.workers.text.harmony import render_conversation
 
@@ -108,6 +109,9 @@ class ServerConfig:
     # Share the port with other servers (SO_REUSEPORT), for several Ingress replicas on
     # one machine (a one-host test cluster). Off by default: a sharing listener lets any
     # process of the same user bind the port too and take a share of the traffic.
+    refusals: RefusalBudgetConfig | None = RefusalBudgetConfig()
+    # Refusals for bad input a connection may receive before its calls are answered
+    # RESOURCE_EXHAUSTED unparsed (refusals.py); None: no budget.
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -199,6 +203,7 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         self.config = config
         self.health = health
         self._text_limit = convert.max_prompt_bytes(backend.tokenizer, backend.models[0])
+        self.refusals = RefusalBudget(config.refusals) if config.refusals is not None else None
 
     async def Generate(  # noqa: N802 - gRPC method names are CamelCase
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -302,6 +307,8 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
         try:
             await body()
         except (SamplingParamsError, InvalidRequestError) as err:
+            if self.refusals is not None:
+                self.refusals.charge(context.peer())
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 _field_message(err.field, str(err)),
@@ -309,8 +316,9 @@ class TandemServicer(tandem_pb2_grpc.TandemServicer):
             )
         except QueueFull as err:
             retry = () if err.retry_after_s is None else (("retry-after", str(err.retry_after_s)),)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err),
-                                trailing_metadata=retry)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), trailing_metadata=retry
+            )
         except BackendUnavailable as err:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except DeadlineExceeded:
@@ -340,7 +348,7 @@ def _lenient(
     limits: RequestLimits,
     counted: Mapping[int, tuple[str, int]] = {},  # noqa: B006 - read only
 ) -> Callable[[bytes], object]:
-    """A request deserializer that returns MalformedRequest instead of raising (grpc would
+    """A request parser that returns MalformedRequest instead of raising (grpc would
     answer a parse error with UNKNOWN and the exception text), and that refuses requests
     over limits.max_request_bytes, or with more top-level records of a `counted` field
     (number -> (name, most records)) than allowed, before spending any time parsing them."""
@@ -364,9 +372,32 @@ def _lenient(
     return deserialize
 
 
-def _guarded(method: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
-    async def handler(request: object, context: grpc.aio.ServicerContext) -> object:
+def _guarded(
+    method: Callable[..., Awaitable[object]],
+    parse: Callable[[bytes], object],
+    refusals: RefusalBudget | None,
+) -> Callable[..., Awaitable[object]]:
+    """The handler of one method: it receives the request's bytes unparsed, so a
+    connection over its refusal budget is answered RESOURCE_EXHAUSTED before any parsing
+    (refusals.py); then `parse` (_lenient), and bytes it refuses are INVALID_ARGUMENT."""
+
+    async def handler(data: bytes, context: grpc.aio.ServicerContext) -> object:
+        client = context.peer()
+        if refusals is not None:
+            try:
+                await refusals.admit(client)
+            except Throttled as err:
+                del data  # not held while the call is answered
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    str(err),
+                    trailing_metadata=(("retry-after", f"{err.retry_after_s:.3f}"),),
+                )
+        request = parse(data)
+        del data
         if isinstance(request, MalformedRequest):
+            if refusals is not None:
+                refusals.charge(client)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 request.error,
@@ -391,7 +422,7 @@ def _counted(request_cls: type, limits: RequestLimits) -> dict[int, tuple[str, i
 def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
     """Register every method of the service (what the generated add_TandemServicer_to_
     server does), with request bytes that fail to parse, or are too many, answered by
-    INVALID_ARGUMENT."""
+    INVALID_ARGUMENT, and connections over their refusal budget by RESOURCE_EXHAUSTED."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Tandem"].methods:
         request_cls = getattr(pb, method.input_type.name)
@@ -402,10 +433,13 @@ def _add_service(server: grpc.aio.Server, servicer: TandemServicer) -> None:
             else grpc.unary_unary_rpc_method_handler
         )
         limits = servicer.config.limits
+        # No request_deserializer: the handler gets the bytes and parses them itself,
+        # after the refusal budget (_guarded).
         handlers[method.name] = make(
-            _guarded(getattr(servicer, method.name)),
-            request_deserializer=_lenient(
-                request_cls.FromString, limits, _counted(request_cls, limits)
+            _guarded(
+                getattr(servicer, method.name),
+                _lenient(request_cls.FromString, limits, _counted(request_cls, limits)),
+                servicer.refusals,
             ),
             response_serializer=response_cls.SerializeToString,
         )
@@ -458,8 +492,7 @@ def _bind(server: grpc.aio.Server, config: ServerConfig, port: int, tls: bool = 
         bound = 0
     if bound == 0:
         raise PortInUse(
-            f"gRPC port {port} on {config.host} is already in use (or the address "
-            "cannot be bound)"
+            f"gRPC port {port} on {config.host} is already in use (or the address cannot be bound)"
         )
     return bound
 

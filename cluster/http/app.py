@@ -44,6 +44,7 @@ from tandem.cluster.api.backend import (
     GenerationRequest,
 )
 from tandem.cluster.api.chat_stream import ChatSplitter
+from tandem.cluster.api.refusals import RefusalBudget, RefusalBudgetConfig, Throttled
 from tandem.cluster.http import chat, completions, responses
 from tandem.cluster.http.errors import ApiError, bad_request, bearer_ok, error_for
 from tandem.cluster.http.schema import (
@@ -74,6 +75,9 @@ class HttpConfig:
     limits: input_limits.RequestLimits = input_limits.DEFAULT_LIMITS
     # The same input bounds as the gRPC API (cluster/api/limits.py): JSON depth before
     # parsing, message and tool counts before the schema builds objects for them.
+    refusals: RefusalBudgetConfig | None = RefusalBudgetConfig()
+    # Refusals (4xx but 429) a connection may receive before its requests are answered
+    # 429 unread (cluster/api/refusals.py); None: no budget.
 
     def __post_init__(self) -> None:
         if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
@@ -102,6 +106,15 @@ class OpenAIFront:
     # ------------------------------------------------------------- plumbing
 
     async def _body(self, request: Request) -> object:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            # Refused on the header, before the body is read.
+            raise ApiError(
+                413,
+                f"body: {declared} bytes, at most {self.config.max_body_bytes}",
+                "invalid_request_error",
+                param="body",
+            )
         raw = await request.body()
         if len(raw) > self.config.max_body_bytes:
             raise ApiError(
@@ -336,11 +349,16 @@ def _renamed(message: str, field_name: str, name: Callable[[str], str]) -> str:
 def build_http_app(backend: GenerationBackend, config: HttpConfig) -> FastAPI:
     """The FastAPI app of one front over `backend`."""
     front = OpenAIFront(backend, config)
+    refusals = RefusalBudget(config.refusals) if config.refusals is not None else None
     app = FastAPI(title="tandem", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.front = front
 
     async def guarded(handler, request: Request) -> Response:
+        # One budget per connection (the client's address and port), refusals.py.
+        client = f"{request.client.host}:{request.client.port}" if request.client else ""
         try:
+            if refusals is not None:
+                await refusals.admit(client)
             if config.api_key and not bearer_ok(
                 request.headers.get("authorization"), config.api_key
             ):
@@ -351,8 +369,19 @@ def build_http_app(backend: GenerationBackend, config: HttpConfig) -> FastAPI:
                     code="invalid_api_key",
                 )
             return await handler(request)
+        except Throttled as err:
+            return ApiError(
+                429,
+                str(err),
+                "rate_limit_error",
+                code="too_many_invalid_requests",
+                headers={"Retry-After": str(max(1, math.ceil(err.retry_after_s)))},
+            ).response()
         except Exception as err:
-            return error_for(err, config.retry_after_s).response()
+            error = error_for(err, config.retry_after_s)
+            if refusals is not None and 400 <= error.status < 500 and error.status != 429:
+                refusals.charge(client)  # the client's fault: it costs a refusal token
+            return error.response()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
