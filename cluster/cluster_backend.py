@@ -282,6 +282,11 @@ class ClusterBackend(GenerationBackend):
             "excluded": sorted(w.replica_id for w in self._workers if self._failed_since(w)),
             "migrations": dict(self.migrations),
             "stall_pings": self.stall_pings,
+            # What this ingress counts as under way: all zero once every request ended.
+            "in_flight": self.placement.in_flight.counts(),
+            "in_flight_prompt_tokens": self.placement.in_flight.prompt_tokens(),
+            "waiting": self._waiting,
+            "running": len(self._running),
             **self.placement.state(),
         }
 

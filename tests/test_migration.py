@@ -154,6 +154,21 @@ def expected(reference: LLMEngine, prompt_list: list[list[int]], seeded: bool):
     return reference.generate(prompt_list, params)
 
 
+def settled(cluster: RunningCluster, app: str | None = None) -> None:
+    """Every count the ingress keeps per request settled exactly once: nothing left in
+    flight on any replica (InFlight raises on a second finish), none waiting, none running."""
+
+    def idle() -> bool:
+        state = ingress_state(cluster, app)
+        return (
+            state["in_flight"] == {}
+            and state["in_flight_prompt_tokens"] == {}
+            and state["waiting"] == state["running"] == 0
+        )
+
+    wait_for(idle, 10, "the ingress's counts settled")
+
+
 def check_identical(streams: list[Stream], want, prompt_list) -> None:
     for i, (s, w) in enumerate(zip(streams, want, strict=True)):
         assert s.done.wait(STREAM_TIMEOUT_S), i
@@ -210,6 +225,7 @@ def test_killed_decode_replica_streams_continue_identically(cluster, client, ref
     assert run.moved(cluster, "died") == STREAMS // 2
     assert {s.last.served_by.decode_replica for s in streams} == {run.survivor}
     assert not placeable(cluster, run.victim)
+    settled(cluster)
     # Printed for bench/RESULTS.md, not asserted: a timing on a shared machine.
     resumed = max(next(t for t in s.arrivals if t > killed_at) for s in streams)
     print(
@@ -249,6 +265,7 @@ def test_stalled_decode_replica_streams_migrate(cluster, client, reference):
         )
         assert run.moved(cluster, "stalled") == STREAMS // 2
         assert {s.last.served_by.decode_replica for s in run.streams} == {survivor}
+        settled(cluster)
         # Still stopped: new requests avoid it (round robin would otherwise pick it for
         # every other one).
         assert not placeable(cluster, victim)
@@ -307,6 +324,7 @@ def test_quiet_stream_of_an_answering_replica_stays(cluster, reference):
     state = ingress_state(cluster, "eager-stall")
     assert state["stall_pings"] > 0
     assert state["migrations"] == {}
+    settled(cluster, "eager-stall")
 
 
 def test_second_failure_beyond_the_limit_ends_unavailable(cluster, reference):
@@ -333,6 +351,7 @@ def test_second_failure_beyond_the_limit_ends_unavailable(cluster, reference):
     assert s.ended_at - killed_at < 5.0
     assert "max_migrations=1" in s.error.details()
     assert ingress_state(cluster, "limit-one")["migrations"] == {"died": 1}
+    settled(cluster, "limit-one")
 
 
 def test_a_failed_replica_is_placeable_after_two_new_heartbeats():
