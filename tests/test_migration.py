@@ -120,8 +120,11 @@ def sampling(i: int, seeded: bool) -> dict:
 
 
 def prompts(seed: int, vocab: int) -> list[list[int]]:
+    """12 to 54 tokens: those of 32 or more (disagg.local_prefill_threshold) start with
+    their prompt computed on the prefill replica; a moved stream is resumed by prefilling
+    prompt and streamed tokens on its new decode replica."""
     rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(12 + 2 * i)] for i in range(STREAMS)]
+    return [[rng.randrange(vocab) for _ in range(12 + 6 * i)] for i in range(STREAMS)]
 
 
 def decode_actor(cluster: RunningCluster, replica: str, app: str = APP):
