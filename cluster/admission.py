@@ -22,7 +22,8 @@ TCP's congestion window is (slow start, then additive increase, multiplicative d
              just seen, so one slow start brings the limit near the right level)
 
 The limit starts small (initial_limit_tokens) and slow start finds the pools' level within
-a few TTFTs; a large initial limit would admit a burst that then waits for seconds.
+a few TTFTs; a large initial limit would admit a burst that then waits for seconds (under
+overload from a cold start: the first TTFT comes back only after the burst is in).
 max_start_delay_s is the level the limit steers to, not a hard ceiling: admitted TTFT p99
 lands at about 1.2-1.5x it (tests/test_admission.py's modelled pools; bench/RESULTS.md's
 CPU cluster), so set it below the SLO by that much.
@@ -46,8 +47,12 @@ from dataclasses import dataclass
 class AdmissionConfig:
     max_start_delay_s: float = 2.0
     # The time to first token that admitted requests should keep.
-    initial_limit_tokens: int = 512
-    # The backlog limit before anything is measured (slow start grows it from there).
+    initial_limit_tokens: int = 4096
+    # The backlog limit before anything is measured (slow start grows it from there). At
+    # most what the pools start within max_start_delay_s (their prompt tokens/s times it):
+    # more admits a first burst under overload that then waits (p99 ~2x the bound at 4x
+    # that, tests/test_admission.py), less refuses some of a first burst on an idle
+    # cluster until slow start has grown it.
     min_limit_tokens: int = 256
     # The limit never drops below this (an empty backlog always admits one request).
     increase: float = 0.25
