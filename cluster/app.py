@@ -51,6 +51,7 @@ from tandem.cluster.config import (
     AppConfig,
     TandemSettings,
     parse_args,
+    worker_actor_options,
 )
 from tandem.cluster.http.app import HttpConfig, build_http_app
 from tandem.cluster.metrics import IngressMetrics, WorkerMetrics
@@ -218,6 +219,7 @@ class PrefillServer(_WorkerServer):
             settings.prefill_engine,
             self.replica_id,
             ray.util.get_node_ip_address(),
+            ep=settings.prefill_ep,
         )
         self.presence = WorkerPresence(settings, self.worker, "prefill", self.replica_id)
 
@@ -258,6 +260,7 @@ class DecodeServer(_WorkerServer):
             ray.util.get_node_ip_address(),
             settings.disagg,
             self.peers,
+            ep=settings.decode_ep,
         )
         self.presence = WorkerPresence(
             settings,
@@ -383,19 +386,31 @@ class Ingress:
         await self.backend.close()
 
 
-def _bind(args_json: str, options: dict[str, dict[str, Any]]) -> Application:
-    prefill = PrefillServer.options(**options.get(PREFILL, {})).bind(args_json)
-    decode = DecodeServer.options(**options.get(DECODE, {})).bind(args_json, prefill)
-    return Ingress.options(**options.get(INGRESS, {})).bind(args_json, decode)
+def _bind(
+    args_json: str, settings: TandemSettings, options: dict[str, dict[str, Any]]
+) -> Application:
+    # A worker of N expert-parallel ranks asks Ray for a CPU (on CUDA also a GPU) per rank,
+    # unless the file names its resources (cluster/config.py checks those).
+    workers = {
+        PREFILL: worker_actor_options(settings.prefill_ep, settings.prefill_engine),
+        DECODE: worker_actor_options(settings.decode_ep, settings.decode_engine),
+    }
+
+    def opts(name: str) -> dict[str, Any]:
+        return {**workers.get(name, {}), **options.get(name, {})}
+
+    prefill = PrefillServer.options(**opts(PREFILL)).bind(args_json)
+    decode = DecodeServer.options(**opts(DECODE)).bind(args_json, prefill)
+    return Ingress.options(**opts(INGRESS)).bind(args_json, decode)
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """The application builder Serve configs name: `args` is the config's `args`."""
-    _, args_json = parse_args(args)
-    return _bind(args_json, {})
+    settings, args_json = parse_args(args)
+    return _bind(args_json, settings, {})
 
 
 def build_application(config: AppConfig) -> Application:
     """The application with the config's deployment options applied (for serve.run)."""
     options = {name: d.options() for name, d in config.deployments.items()}
-    return _bind(config.args_json, options)
+    return _bind(config.args_json, config.settings, options)

@@ -41,6 +41,7 @@ from tandem.cluster.api import DEFAULT_GRPC_PORT
 from tandem.router.policies import DisaggRule, PrefixAwareConfig
 from tandem.workers.disagg.roles import DisaggConfig
 from tandem.workers.engine.llm_engine import EngineConfig
+from tandem.workers.expert_parallel.config import ExpertParallelConfig
 
 APP_IMPORT_PATH = "tandem.cluster.app:build_app"
 INGRESS, PREFILL, DECODE = "Ingress", "PrefillServer", "DecodeServer"
@@ -84,6 +85,23 @@ class EngineArgs(_Strict):
 class EnginePerRole(_Strict):
     prefill: EngineArgs = EngineArgs()
     decode: EngineArgs = EngineArgs()
+
+
+class ExpertParallelArgs(_Strict):
+    """tandem.workers.expert_parallel.config.ExpertParallelConfig of one pool's workers."""
+
+    # Ranks of one worker replica: its MoE experts are split over them (one GPU each on
+    # GPUs, one process each). 1: one process, today's engine.
+    size: int = Field(default=1, ge=1, le=64)
+    placement: Literal["contiguous", "round_robin"] = "contiguous"
+    dispatch: Literal["replicated", "all_to_all"] = "replicated"
+    timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    start_timeout_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+
+
+class ExpertParallelPerRole(_Strict):
+    prefill: ExpertParallelArgs = ExpertParallelArgs()
+    decode: ExpertParallelArgs = ExpertParallelArgs()
 
 
 class GrpcArgs(_Strict):
@@ -167,6 +185,7 @@ class TandemArgs(_Strict):
     disagg: DisaggArgs = DisaggArgs()
     placement: PlacementArgs = PlacementArgs()
     engine: EnginePerRole = EnginePerRole()
+    expert_parallel: ExpertParallelPerRole = ExpertParallelPerRole()
     control_plane: ControlPlaneArgs = ControlPlaneArgs()
     ingress: IngressArgs = IngressArgs()
 
@@ -284,12 +303,9 @@ class TandemSettings:
     stall_ping_timeout_s: float = 2.0
     # A stream is stalled after stall_timeout_s without a delta when its decode replica
     # then fails an engine ping of stall_ping_timeout_s.
-    max_migrations: int = 2
-    # Times a stream may move off a failed or stalled decode replica (cluster_backend).
-    stall_timeout_s: float = 10.0
-    stall_ping_timeout_s: float = 2.0
-    # A stream is stalled after stall_timeout_s without a delta when its decode replica
-    # then fails an engine ping of stall_ping_timeout_s.
+    prefill_ep: ExpertParallelConfig = ExpertParallelConfig()
+    decode_ep: ExpertParallelConfig = ExpertParallelConfig()
+    # Expert parallelism of each pool's workers (size 1: one process per replica).
 
     def __post_init__(self) -> None:
         # The prompt's KV blocks move between the two pools as they are: same block size,
@@ -322,6 +338,8 @@ class TandemSettings:
             raise ConfigError("disagg", str(err)) from None
         g = args.grpc
         return cls(
+            prefill_ep=ExpertParallelConfig(**args.expert_parallel.prefill.model_dump()),
+            decode_ep=ExpertParallelConfig(**args.expert_parallel.decode.model_dump()),
             cluster_name=args.cluster_name,
             model_dir=Path(args.model) if args.model is not None else None,
             model_id=args.model_id,
@@ -344,9 +362,6 @@ class TandemSettings:
             max_waiting_requests=args.ingress.max_waiting_requests,
             health_timeout_s=args.ingress.health_timeout_s,
             max_start_delay_s=args.ingress.max_start_delay_s,
-            max_migrations=args.ingress.max_migrations,
-            stall_timeout_s=args.ingress.stall_timeout_s,
-            stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
             max_migrations=args.ingress.max_migrations,
             stall_timeout_s=args.ingress.stall_timeout_s,
             stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
@@ -600,6 +615,7 @@ def parse_app_config(
                 "is set by tandem (cluster/routing.py) and cannot be overridden",
             )
         entries[d.name] = d
+    _check_worker_resources(settings, entries, list(app.deployments))
     deployments = {n: DeploymentSettings(n, entries.get(n)) for n in DEPLOYMENT_NAMES}
     return AppConfig(
         source=source,
@@ -610,6 +626,44 @@ def parse_app_config(
         deployments=deployments,
         route_prefix=app.route_prefix,
     )
+
+
+def worker_actor_options(ep: ExpertParallelConfig, engine: EngineConfig) -> dict[str, Any]:
+    """Serve options of a worker deployment of N > 1 expert-parallel ranks: a CPU per rank
+    (its processes), and a GPU per rank on CUDA; {} for N = 1 (cluster/app.py's defaults)."""
+    if ep.size == 1:
+        return {}
+    actor: dict[str, Any] = {"num_cpus": ep.size}
+    if engine.device == "cuda":
+        actor["num_gpus"] = ep.size
+    return {"ray_actor_options": actor}
+
+
+def _check_worker_resources(
+    settings: TandemSettings, entries: Mapping[str, DeploymentSchema], order: list
+) -> None:
+    """A worker deployment whose ray_actor_options the file sets must give each of its
+    expert-parallel ranks a CPU, and a GPU on CUDA (exactly one each)."""
+    for pool, name in (("prefill", PREFILL), ("decode", DECODE)):
+        ep = getattr(settings, f"{pool}_ep")
+        entry = entries.get(name)
+        if ep.size == 1 or entry is None or "ray_actor_options" not in entry.model_fields_set:
+            continue
+        where = f"applications[0].deployments[{order.index(entry)}].ray_actor_options"
+        actor = entry.ray_actor_options
+        gpus = actor.num_gpus or 0
+        cpus = actor.num_cpus if actor.num_cpus is not None else 1
+        if (getattr(settings, f"{pool}_engine").device == "cuda" or gpus > 0) and gpus != ep.size:
+            raise ConfigError(
+                f"{where}.num_gpus",
+                f"must be {ep.size}, one GPU per rank of expert_parallel.{pool}.size, got {gpus:g}",
+            )
+        if cpus < ep.size:
+            raise ConfigError(
+                f"{where}.num_cpus",
+                f"must be at least {ep.size}, one per rank of expert_parallel.{pool}.size "
+                f"(each rank is a process), got {cpus:g}",
+            )
 
 
 _BRANCH_LABELS = frozenset({"int", "str", "float", "bool", "dict", "list", "none"})

@@ -104,9 +104,17 @@ VALUE_SETS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "default": ((), {}),
     "gpt-oss-20b": (("values-gpt-oss-20b.yaml",), {}),
     "gpt-oss-120b": (("values-gpt-oss-120b.yaml",), {}),
-    "gpt-oss-120b-ep2": (
+    # The values file's one-GPU alternative: all experts on one H200.
+    "gpt-oss-120b-h200": (
         ("values-gpt-oss-120b.yaml",),
-        {"prefill": {"gpusPerWorker": 2}, "decode": {"gpusPerWorker": 2}},
+        {
+            pool: {
+                "gpusPerWorker": 1,
+                "expertParallel": {"size": 1},
+                "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+            }
+            for pool in GPU_POOLS
+        },
     ),
     "all-options": (("values-gpt-oss-20b.yaml",), _OPTIONS),
     "external-redis": ((), _EXTERNAL_REDIS),
@@ -266,6 +274,8 @@ def _expected_serve_config(v: dict[str, Any]) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": p["replicaCpus"], "resources": {f"tandem_{pool}": 1}}
         if pool in GPU_POOLS:
             actor["num_gpus"] = p["gpusPerWorker"]
+            # A Ray CPU per expert-parallel rank at least.
+            actor["num_cpus"] = max(p["replicaCpus"], p["expertParallel"]["size"])
         d = {
             "name": name,
             "max_ongoing_requests": p["maxOngoingRequests"],
@@ -305,6 +315,7 @@ def _expected_serve_config(v: dict[str, Any]) -> dict[str, Any]:
             pool: {**v[pool]["engine"], "device": "cuda" if v[pool]["gpusPerWorker"] else "cpu"}
             for pool in GPU_POOLS
         },
+        "expert_parallel": {pool: v[pool]["expertParallel"] for pool in GPU_POOLS},
         **{key: v["app"][key] for key in ("disagg", "placement", "control_plane", "ingress")},
     }
     if v["model"]["id"]:
@@ -422,8 +433,8 @@ def test_each_replica_gets_a_pod_of_its_own_pool(rendered):
 def test_gpu_pools_follow_the_values_files(renderings):
     for name, product, gpus in (
         ("gpt-oss-20b", "NVIDIA-H100-80GB-HBM3", 1),
-        ("gpt-oss-120b", "NVIDIA-H200", 1),
-        ("gpt-oss-120b-ep2", "NVIDIA-H200", 2),
+        ("gpt-oss-120b", "NVIDIA-H100-80GB-HBM3", 2),
+        ("gpt-oss-120b-h200", "NVIDIA-H200", 1),
     ):
         r = renderings[name]
         for pool in GPU_POOLS:
@@ -434,7 +445,16 @@ def test_gpu_pools_follow_the_values_files(renderings):
             )
             assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == gpus
             args = r.serve_config["applications"][0]["args"]
-            assert args["model"].endswith(name.removesuffix("-ep2"))
+            assert args["model"].endswith(name.removesuffix("-h200"))
+            # Every GPU of a worker pod is one expert-parallel rank of its replica.
+            assert args["expert_parallel"][pool]["size"] == gpus
+            deployment = next(
+                d
+                for d in r.serve_config["applications"][0]["deployments"]
+                if d["name"] == {"prefill": PREFILL, "decode": DECODE}[pool]
+            )
+            assert deployment["ray_actor_options"]["num_gpus"] == gpus
+            assert deployment["ray_actor_options"]["num_cpus"] >= gpus
 
 
 def test_dev_shm_and_model_volume(rendered):
@@ -773,6 +793,10 @@ CROSS_FIELD = [
         "model.path (/data/gpt-oss-20b) must lie under model.mountPath (/models)",
     ),
     ({"grpc": {"tls": {"enabled": True}}}, "grpc.tls.secretName must name"),
+    (
+        {"decode": {"gpusPerWorker": 2}},
+        "decode.expertParallel.size (1) must equal decode.gpusPerWorker (2)",
+    ),
     (
         {"ray": {"autoscaler": {"enabled": False}}},
         "prefill.autoscaling.enabled needs ray.autoscaler.enabled",

@@ -41,9 +41,11 @@ from tandem.workers.disagg.transfer import (
     TransferTicket,
 )
 from tandem.workers.engine.async_engine import AsyncLLMEngine
-from tandem.workers.engine.llm_engine import EngineConfig, LLMEngine
+from tandem.workers.engine.llm_engine import EngineConfig
 from tandem.workers.engine.outputs import RequestOutput, Timings, TokenLogprob, Usage
 from tandem.workers.engine.sampling_params import SamplingParams
+from tandem.workers.expert_parallel.config import ExpertParallelConfig
+from tandem.workers.expert_parallel.engine import build_engine
 from tandem.workers.kv.block_pool import BlockRemoved, BlockStored
 
 logger = logging.getLogger(__name__)
@@ -246,8 +248,11 @@ class _Worker:
         )
 
     @staticmethod
-    def _load_engine(model_dir: str | Path, engine_config: EngineConfig) -> AsyncLLMEngine:
-        return AsyncLLMEngine(LLMEngine.from_model_dir(model_dir, engine_config))
+    def _load_engine(
+        model_dir: str | Path, engine_config: EngineConfig, ep: ExpertParallelConfig | None
+    ) -> AsyncLLMEngine:
+        # ep.size > 1: rank 0 here, ranks 1..N-1 processes it starts (workers/expert_parallel)
+        return AsyncLLMEngine(build_engine(model_dir, engine_config, ep))
 
     async def check_health(self) -> bool:
         return await self.engine.check_health()
@@ -300,10 +305,15 @@ class PrefillWorker(_Worker):
 
     @classmethod
     def create(
-        cls, model_dir: str | Path, engine_config: EngineConfig, replica_id: str, host: str
+        cls,
+        model_dir: str | Path,
+        engine_config: EngineConfig,
+        replica_id: str,
+        host: str,
+        ep: ExpertParallelConfig | None = None,
     ) -> PrefillWorker:
         return cls(
-            cls._load_engine(model_dir, engine_config), replica_id, Path(model_dir).name, host
+            cls._load_engine(model_dir, engine_config, ep), replica_id, Path(model_dir).name, host
         )
 
     async def prefill(self, request_json: str) -> str:
@@ -368,8 +378,9 @@ class DecodeWorker(_Worker):
         host: str,
         config: DisaggConfig,
         peers: PeerWatch | None = None,
+        ep: ExpertParallelConfig | None = None,
     ) -> DecodeWorker:
-        engine = cls._load_engine(model_dir, engine_config)
+        engine = cls._load_engine(model_dir, engine_config, ep)
         return cls(engine, replica_id, Path(model_dir).name, host, config, peers)
 
     @property

@@ -171,6 +171,13 @@ Cross-field checks JSON Schema cannot express; each message names the values inv
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- range $pool := list "prefill" "decode" -}}
+{{- $p := index $.Values $pool -}}
+{{- $ranks := int $p.expertParallel.size -}}
+{{- if and (gt (int $p.gpusPerWorker) 0) (ne $ranks (int $p.gpusPerWorker)) -}}
+{{- fail (printf "%s.expertParallel.size (%d) must equal %s.gpusPerWorker (%d): each rank of an expert-parallel worker runs on its own GPU" $pool $ranks $pool (int $p.gpusPerWorker)) -}}
+{{- end -}}
+{{- end -}}
 {{- $mount := trimSuffix "/" $.Values.model.mountPath -}}
 {{- if not (or (eq $mount (trimSuffix "/" $.Values.model.path)) (hasPrefix (printf "%s/" $mount) $.Values.model.path)) -}}
 {{- fail (printf "model.path (%s) must lie under model.mountPath (%s): only that directory is mounted" $.Values.model.path $.Values.model.mountPath) -}}

@@ -15,7 +15,15 @@ $TANDEM_API_KEY, both set from Secrets in the pods (see tandem.rayEnv).
 {{/* One entry of `deployments`: (dict "ctx" $ "pool" "prefill" "name" "PrefillServer"). */}}
 {{- define "tandem.serveDeployment" -}}
 {{- $p := index .ctx.Values .pool -}}
-{{- $actor := dict "num_cpus" $p.replicaCpus "resources" (dict (include "tandem.poolResource" .pool) 1) -}}
+{{- $cpus := $p.replicaCpus -}}
+{{- if hasKey $p "expertParallel" -}}
+{{- /* A worker of N expert-parallel ranks: a Ray CPU per rank at least (and a GPU each, tandem.validate). */ -}}
+{{- $ranks := int $p.expertParallel.size -}}
+{{- if lt (float64 $cpus) (float64 $ranks) -}}
+{{- $cpus = $ranks -}}
+{{- end -}}
+{{- end -}}
+{{- $actor := dict "num_cpus" $cpus "resources" (dict (include "tandem.poolResource" .pool) 1) -}}
 {{- if hasKey $p "gpusPerWorker" -}}
 {{- $_ := set $actor "num_gpus" (int $p.gpusPerWorker) -}}
 {{- end -}}
@@ -54,7 +62,8 @@ $TANDEM_API_KEY, both set from Secrets in the pods (see tandem.rayEnv).
 {{- $_ := set $grpc "health_port" (int $v.grpc.healthPort) -}}
 {{- end -}}
 {{- $engine := dict "prefill" (include "tandem.engineArgs" (dict "ctx" . "pool" "prefill") | fromYaml) "decode" (include "tandem.engineArgs" (dict "ctx" . "pool" "decode") | fromYaml) -}}
-{{- $args := dict "cluster_name" (default (include "tandem.fullname" .) $v.app.clusterName) "model" $v.model.path "redis_url_env" "TANDEM_REDIS_URL" "grpc" $grpc "engine" $engine -}}
+{{- $ep := dict "prefill" (deepCopy $v.prefill.expertParallel) "decode" (deepCopy $v.decode.expertParallel) -}}
+{{- $args := dict "cluster_name" (default (include "tandem.fullname" .) $v.app.clusterName) "model" $v.model.path "redis_url_env" "TANDEM_REDIS_URL" "grpc" $grpc "engine" $engine "expert_parallel" $ep -}}
 {{- if $v.model.id -}}
 {{- $_ := set $args "model_id" $v.model.id -}}
 {{- end -}}
