@@ -613,6 +613,10 @@ def main() -> None:
     result["time_to_ready_s"] = ready
     result["engine_build_s"] = time.perf_counter() - begin - ready
     result["kv_cache_tokens"] = engine.kv_cache_tokens
+    result["gc_tracked_after_ready"] = len(gc.get_objects())
+    result["gc_frozen_after_ready"] = gc.get_freeze_count()
+    print(f"gc: {result['gc_tracked_after_ready']} objects tracked, "
+          f"{result['gc_frozen_after_ready']} frozen after ready", flush=True)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info()
         result["gpu_free_after_ready_gib"] = free / 2**30

@@ -106,9 +106,11 @@ class MoETiling:
         """Rows per program close to the mean rows per expert: little padding when small.
 
         From sweeps at gpt-oss-20b shapes on an H100 (whole MoE in CUDA-graph replays,
-        bench/RESULTS.md): 32-row blocks at T=256 (500 against 530 us with 64), and
-        at 128-row blocks a second GEMM twice as wide (T=2048 1584 against 1654 us, T=8192
-        5952 against 6323).
+        bench/RESULTS.md): at 128-row blocks a second GEMM twice as wide (T=2048 1584
+        against 1654 us, T=8192 5952 against 6323). Decode batches of 256 and 512 (each GEMM
+        timed apart, bench/gpu_moe_sweep.py): 64-row blocks, and a second GEMM 128 columns
+        wide on 8 warps (T=256 509 against 541 us with 32-row blocks and one tiling for
+        both GEMMs; T=512 648 against 667).
         """
         pairs = num_tokens * top_k
         rows_per_expert = -(-pairs // num_experts)
@@ -117,8 +119,8 @@ class MoETiling:
         if rows_per_expert <= 16:
             return MoETiling(block_m=16, block_n=64, block_k=128)
         if rows_per_expert <= 128:
-            return MoETiling(block_m=32 if rows_per_expert <= 32 else 64, block_n=64,
-                             block_k=64)
+            return MoETiling(block_m=64, block_n=64, block_k=64, down_block_n=128,
+                             down_num_warps=8)
         return MoETiling(block_m=128, block_n=64, block_k=64, down_block_n=128)
 
 

@@ -12,6 +12,7 @@ runs the same loop on a thread for asyncio callers.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import itertools
 import json
@@ -311,6 +312,12 @@ class LLMEngine:
                                 [[0]] * rows).token_ids.tolist()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        # What is alive now (model, tokenizer tables, compiled kernels, KV bookkeeping) lives
+        # as long as the engine: keep it out of the collector's full passes, which otherwise
+        # walk it every few seconds under load (1k/1k at 512 running on an H100: 74 full
+        # collections took 21 s of a 100 s run, bench/RESULTS.md).
+        gc.collect()
+        gc.freeze()
         elapsed = time.monotonic() - begin
         say(f"warm-up: ready in {elapsed:.1f} s")
         return elapsed
