@@ -50,16 +50,18 @@ def cluster(tiny_model_dir):
         yield running
 
 
-def _followers(model_dir: str) -> list[dict]:
-    """FollowerArgs of the expert-parallel rank processes serving `model_dir` (this
-    session's own checkpoint directory, so no other test's processes count)."""
+def _followers(model_dir: str) -> list[tuple[int, dict]]:
+    """(pid, FollowerArgs) of the live expert-parallel rank processes serving `model_dir`
+    (this session's own checkpoint directory, so no other test's processes count)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "status"]):
         cmd = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
         if "tandem.workers.expert_parallel.follower" in cmd and cmd[-1].startswith("{"):
             args = json.loads(cmd[-1])
             if args["model_dir"] == model_dir:
-                found.append(args)
+                found.append((proc.pid, args))
     return found
 
 
@@ -80,7 +82,7 @@ def _stream(target: str, prompt: list[int]):
 def test_two_rank_workers_serve_pd_as_one_process(cluster, tiny_model_dir):
     # Each worker replica runs its rank 1 as a process of its own.
     ranks = _followers(str(tiny_model_dir))
-    assert sorted((a["rank"], a["ep"]["dispatch"]) for a in ranks) == [
+    assert sorted((a["rank"], a["ep"]["dispatch"]) for _, a in ranks) == [
         (1, "all_to_all"),
         (1, "replicated"),
     ]
@@ -117,3 +119,31 @@ def test_two_rank_workers_serve_pd_as_one_process(cluster, tiny_model_dir):
     wait_for(released, 10, "every KV block released on both workers")
     # Both ranks of both workers are still up.
     assert len(_followers(str(tiny_model_dir))) == 2
+
+
+def test_a_killed_rank_takes_its_replica_down_and_serve_replaces_it(cluster, tiny_model_dir):
+    """The decode worker's rank 1 is killed: the replica's health check fails, Serve
+    replaces the replica (a new one of 2 ranks), and requests are served as before."""
+    [old] = cluster.replicas("decode")
+    [(victim, _)] = [
+        (pid, a)
+        for pid, a in _followers(str(tiny_model_dir))
+        if a["ep"]["dispatch"] == "all_to_all"
+    ]
+    psutil.Process(victim).kill()
+
+    def replaced() -> list[str] | None:
+        live = cluster.replicas("decode")
+        return None if old in live else live  # [] while the new one starts: falsy
+
+    [new] = wait_for(replaced, 120, "the decode replica replaced")
+    reference = LLMEngine.from_model_dir(tiny_model_dir, EngineConfig(**TEST_ENGINE))
+    prompt = [random.Random(5).randrange(reference.config.vocab_size) for _ in range(50)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    [want] = reference.generate([prompt], params)
+    got, last = _stream(cluster.target, prompt)
+    assert got == want.token_ids
+    assert last.served_by.decode_replica == new and last.served_by.prefill_replica
+    # The new replica runs its own rank 1; the killed one is gone.
+    ranks = _followers(str(tiny_model_dir))
+    assert victim not in [pid for pid, _ in ranks] and len(ranks) == 2
