@@ -217,11 +217,7 @@ def main() -> None:
         merged = {name: Phase(f"{name}, all rounds") for name in ("baseline", "flood")}
         for r in range(args.rounds):
             for name, flood in (("baseline", ""), ("flood", "one connection")):
-                phase = phase_of(f"{name} {r + 1}", flood)
-                merged[name].normal_s += phase.normal_s
-                merged[name].normal_errors += phase.normal_errors
-                for kind, records in phase.hostile.items():
-                    merged[name].hostile[kind] += records
+                merged[name].add(phase_of(f"{name} {r + 1}", flood))
         for phase in merged.values():
             results.append(summary(phase))
             print(json.dumps(results[-1]), flush=True)

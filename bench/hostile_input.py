@@ -155,6 +155,13 @@ class Phase:
     normal_errors: int = 0
     hostile: dict[str, list[tuple[str, float]]] = field(default_factory=lambda: defaultdict(list))
 
+    def add(self, other: Phase) -> None:
+        """Take in another phase's records (rounds merged into one)."""
+        self.normal_s += other.normal_s
+        self.normal_errors += other.normal_errors
+        for kind, records in other.hostile.items():
+            self.hostile[kind] += records
+
 
 def _normal_loop(target: str, stop: threading.Event, phase: Phase, lock: threading.Lock) -> None:
     request = pb.GenerateRequest(
@@ -341,10 +348,7 @@ def main() -> None:
                 )
                 results.append(summary(phase))
                 print(json.dumps(results[-1]), flush=True)
-                merged[name].normal_s += phase.normal_s
-                merged[name].normal_errors += phase.normal_errors
-                for kind, records in phase.hostile.items():
-                    merged[name].hostile[kind] += records
+                merged[name].add(phase)
         for phase in merged.values():
             results.append(summary(phase))
             print(json.dumps(results[-1]), flush=True)

@@ -126,9 +126,14 @@ def reference(tiny_model_dir):
     return LLMEngine.from_model_dir(tiny_model_dir, CONFIG)
 
 
-def _generate(decode: DecodeWorker, prompt, prefill, replica: str, rid: str, probe: Probe):
+def _generate(decode: DecodeWorker, prompt, prefill, replica: str, rid: str, probe: Probe, gone=()):
+    """Run one request on `decode` with a PeerWatch over `probe`; `gone`: peers marked
+    gone before it starts."""
+
     async def go():
         decode.peers = PeerWatch(probe, interval_s=0.01)
+        for peer in gone:
+            decode.peers.mark_gone(peer)
         decode.peers.start()
         try:
             ids, served = [], None
@@ -176,21 +181,9 @@ def test_a_peer_known_gone_is_not_called_at_all(decode, reference):
         calls.append(request_json)
         raise AssertionError("a gone peer must not be called")
 
-    async def go():
-        decode.peers = PeerWatch(probe, interval_s=0.01)
-        decode.peers.mark_gone("prefill-gone")
-        ids, served = [], None
-        message = GenerateMessage("known", tuple(prompt), GREEDY).to_json()
-        try:
-            async for text in decode.generate(message, counting, "prefill-gone"):
-                out, info = decode_delta(text)
-                ids.extend(out.token_ids)
-                served = info or served
-        finally:
-            decode.peers = None
-        return ids, served
-
-    ids, served = asyncio.run(asyncio.wait_for(go(), BOUND_S))
+    ids, served = _generate(
+        decode, prompt, counting, "prefill-gone", "known", probe, gone=["prefill-gone"]
+    )
     assert ids == want.token_ids and served.prefill_mode == "fallback" and not calls
 
 
