@@ -312,12 +312,15 @@ class LLMEngine:
                                 [[0]] * rows).token_ids.tolist()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        # What is alive now (model, tokenizer tables, compiled kernels, KV bookkeeping) lives
-        # as long as the engine: keep it out of the collector's full passes, which otherwise
-        # walk it every few seconds under load (1k/1k at 512 running on an H100: 74 full
-        # collections took 21 s of a 100 s run, bench/RESULTS.md).
+        # Full collections walk every live list element (token ids, block tables: millions
+        # under load) and ran every second or so: 1k/1k at 512 running on an H100 spent
+        # 21 s of a 100 s run in them (bench/RESULTS.md). What is alive now (model,
+        # tokenizer tables, compiled kernels) lives as long as the engine: frozen out of
+        # them; and a full pass waits for 1000 young-generation passes instead of 10.
         gc.collect()
         gc.freeze()
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, 1000)
         elapsed = time.monotonic() - begin
         say(f"warm-up: ready in {elapsed:.1f} s")
         return elapsed
