@@ -34,6 +34,9 @@ import platform
 import random
 import statistics
 import time
+from pathlib import Path
+
+import yaml
 
 from tandem.cluster.index_feeder import PrefixIndexFeeder
 from tandem.cluster.placement import IngressPlacement, PlacementConfig
@@ -48,6 +51,8 @@ from tandem.workers.control_plane import (
     WorkerLoad,
 )
 from tandem.workers.kv.block_hash import hash_prompt_blocks
+
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve-config.yaml"
 
 
 def _workers(n: int, rng: random.Random) -> list[WorkerInfo]:
@@ -127,6 +132,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-pending",
+        action="store_true",
+        help="PlacementConfig.pending_prefixes off (the lookup then hashes lazily)",
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     rng = random.Random(args.seed)
@@ -135,15 +145,19 @@ def main() -> None:
         rule=DisaggRule(local_prefill_threshold=256, skip_prefill_cached_fraction=0.5),
         block_size=args.block_size,
         sliding_window=args.window,
+        pending_prefixes=not args.no_pending,
     )
     # The reader is never asked to read: apply() feeds the index directly.
     feeder = PrefixIndexFeeder(KVEventReader("redis://127.0.0.1:1", cluster="bench"))
 
+    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
+    shipped = PrefixAwareConfig(**app["placement"]["prefix_aware"]["decode"])
+
     def ingress() -> IngressPlacement:
         return IngressPlacement(
             # deploy/serve-config.yaml's weights (both pools alike since bench/router_sim.py).
-            decode_policy=PrefixAware(PrefixAwareConfig(max_imbalance=16)),
-            prefill_policy=PrefixAware(PrefixAwareConfig(max_imbalance=16)),
+            decode_policy=PrefixAware(shipped),
+            prefill_policy=PrefixAware(shipped),
             config=config,
             index=feeder,
         )
@@ -174,7 +188,9 @@ def main() -> None:
         the decode replica it chose, as that replica would after computing it. Returns
         the turn, the replica, and the (group, hash) it did not hold before (to undo)."""
         turn = rng.choice(conversations) + tail()
-        chosen = own.place(turn, workers).decode
+        nonlocal previous
+        previous = own.place(turn, workers)
+        chosen = previous.decode
         assert chosen is not None
         hashes = prompt_block_hashes(turn + [0], args.block_size)
         new = [(FULL, h) for h in hashes] + [(SLIDING, h) for h in hashes[-config.sliding_blocks :]]
@@ -182,6 +198,7 @@ def main() -> None:
         feeder.apply(_stored(chosen, g, h, args.block_size) for g, h in new)
         return turn, chosen, new
 
+    previous = None
     kinds = ("continuation", "system_prompt", "cold", "own_turn")
 
     def decide(kind: str) -> tuple[list[int], float, int]:
@@ -192,15 +209,19 @@ def main() -> None:
             cache = own.hash_cache
             reused = cache.reused_blocks
             t0 = time.perf_counter()
-            own.place(p, workers)
+            done = own.place(p, workers)
             t1 = time.perf_counter()
+            # The requests end (untimed: after the stream, not on the request path).
+            own.release(done)
+            own.release(previous)
             feeder.apply(_removed(chosen, g, h) for g, h in undo)
             return p, t1 - t0, cache.reused_blocks - reused
         p = prompt(kind)
         placement.hash_cache.clear()
         t0 = time.perf_counter()
-        placement.place(p, workers)
+        done = placement.place(p, workers)
         t1 = time.perf_counter()
+        placement.release(done)
         return p, t1 - t0, 0
 
     # Warm-up, then interleaved kinds so each sees the same machine noise.
@@ -218,7 +239,10 @@ def main() -> None:
         lengths.append(len(p))
         hashes = prompt_block_hashes(p, args.block_size)
         longest = max(index.matched_blocks(hashes, ids).values())
-        hashed = max(0, min(len(hashes), longest + 1) - reused)
+        if config.pending_prefixes:  # every block, to register the prompt as pending
+            hashed = max(0, len(hashes) - reused)
+        else:
+            hashed = max(0, min(len(hashes), longest + 1) - reused)
         t2 = time.perf_counter()
         hash_prompt_blocks(p[: hashed * args.block_size], args.block_size)
         t3 = time.perf_counter()

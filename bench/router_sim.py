@@ -63,18 +63,21 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
+from tandem.cluster.index_feeder import PrefixIndexFeeder
+from tandem.cluster.placement import IngressPlacement, PlacementConfig
 from tandem.cluster.workloads import SessionSpec, Workload, make_workload, synthetic_answer
 from tandem.router.load import InFlight, LoadView
 from tandem.router.policies import (
     DisaggRule,
     LeastLoaded,
+    Placement,
     PlacementPolicy,
     PrefixAware,
     PrefixAwareConfig,
@@ -82,6 +85,7 @@ from tandem.router.policies import (
     place,
 )
 from tandem.router.prefix_index import FULL, PrefixIndex, usable_blocks
+from tandem.workers.control_plane import KVEventReader
 from tandem.workers.kv.block_hash import hash_prompt_blocks
 from tandem.workers.kv.block_pool import BlockPool, BlockRemoved, BlockStored, KVBlock
 
@@ -293,6 +297,8 @@ class Job:
     blocks: list[KVBlock] = field(default_factory=list)
     ttft: float = 0.0
     in_flight_tokens: int = 0
+    placement: Placement | None = None
+    # The ingress's placement (IngressRouter), released when the job ends.
 
     @property
     def prompt_len(self) -> int:
@@ -364,6 +370,57 @@ class Router(ABC):
 
     def placed(self, sim: Simulation, job: Job) -> None:  # noqa: B027 - optional hook
         """After the choice (approximate trees insert the prompt here)."""
+
+    def finished(self, sim: Simulation, job: Job) -> None:  # noqa: B027 - optional hook
+        """The job ended (an ingress releases its pending prompt here)."""
+
+
+class IngressRouter(Router):
+    """The ingress's own placement object, cluster/placement.py's IngressPlacement, as
+    ClusterBackend drives it: its LoadView join of the registry records with its
+    in-flight figures (the simulation counts through its InFlight), the prompt's block
+    hashes (its hash cache), the prefix index (fed here by the pools' block events, as
+    its feeder would from Redis), its pending prefixes, place() with the policies, and
+    release() when a request ends."""
+
+    needs_index = True
+
+    def __init__(self, name: str, config: PrefixAwareConfig, pending: bool = True) -> None:
+        self.name = name
+        self.config = config
+        self.pending = pending
+        self.decisions: Counter[str] = Counter()
+        self.decision_s: list[float] = []
+        # Wall time of each IngressPlacement.place() call (hashing, index, policies).
+
+    def reset(self, sim: Simulation) -> None:
+        # The feeder is never started: the simulation applies the events to its index.
+        feeder = PrefixIndexFeeder(KVEventReader("redis://127.0.0.1:1", cluster="router-sim"))
+        feeder.index = sim.index
+        self.ingress = IngressPlacement(
+            decode_policy=PrefixAware(self.config),
+            prefill_policy=PrefixAware(self.config),
+            config=PlacementConfig(
+                rule=DisaggRule(sim.config.local_prefill_threshold),
+                block_size=sim.config.block_size,
+                pending_prefixes=self.pending,
+            ),
+            index=feeder,
+        )
+        sim.in_flight = self.ingress.in_flight
+
+    def choose(self, sim: Simulation, job: Job) -> tuple[int, int]:
+        st, k = job.st, job.k
+        prompt = st.tokens[k][: st.prompt_len[k]]
+        start = time.perf_counter()
+        placement = self.ingress.place(prompt, sim.visible_records)
+        self.decision_s.append(time.perf_counter() - start)
+        job.placement = placement
+        self.decisions[placement.decode_reason] += 1
+        return sim.index_of[placement.decode], placement.decode_cached_tokens
+
+    def finished(self, sim: Simulation, job: Job) -> None:
+        self.ingress.release(job.placement)
 
 
 class PolicyRouter(Router):
@@ -523,7 +580,9 @@ def make_router(name: str, prefix_aware: PrefixAwareConfig) -> Router:
     if name == "least_loaded":
         return PolicyRouter(name, LeastLoaded, needs_index=False)
     if name == "prefix_aware":
-        return PolicyRouter(name, lambda: PrefixAware(prefix_aware), needs_index=True)
+        return IngressRouter(name, prefix_aware)
+    if name == "prefix_aware_no_pending":
+        return IngressRouter(name, prefix_aware, pending=False)
     if name == "prefix_aware_v0":
         # The placement shipped before this benchmark (commit f0fb9be): decode weights
         # kv_weight 0.05, max_imbalance 8, heartbeat and in-flight joined by the max.
@@ -702,6 +761,7 @@ class Simulation:
         job.blocks = []
         r.decoding -= 1
         self.in_flight.finish(r.rid)
+        self.router.finished(self, job)
         self.done.append(job)
         self._flush(r)
         st, k = job.st, job.k + 1
@@ -754,6 +814,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
+@lru_cache(maxsize=1)
+def _trace(workload_name: str, seed: int, rate: float, duration: float, block_size: int) -> Trace:
+    """A cell's trace, built once for all its routers (a run only reads it)."""
+    workload: Workload = make_workload(workload_name, vocab_size=SIM_VOCAB, seed=seed)
+    specs = workload.with_rate(rate).sessions(duration)
+    return Trace([build_trace(s, block_size) for s in specs], 0.0, 0.0, duration)
+
+
 def _simulate(
     cell: Cell,
     router: Router,
@@ -766,9 +834,7 @@ def _simulate(
     base = SimConfig(replicas=cell.replicas)
     cache_tokens = max(int(fraction * per_session[1] * rate / cell.replicas), 16384)
     config = replace(base, cache_tokens=cache_tokens)
-    workload: Workload = make_workload(cell.workload, vocab_size=SIM_VOCAB, seed=cell.seed)
-    specs = workload.with_rate(rate).sessions(duration)
-    trace = Trace([build_trace(s, config.block_size) for s in specs], 0.0, 0.0, duration)
+    trace = _trace(cell.workload, cell.seed, rate, duration, config.block_size)
     start = time.perf_counter()
     done = Simulation(config, trace, router, warmup_s).run()
     wall = time.perf_counter() - start
@@ -789,16 +855,20 @@ def _simulate(
         "session_rate": rate,
         "wall_s": wall,
     }
-    if isinstance(router, PolicyRouter):
+    if isinstance(router, PolicyRouter | IngressRouter):
         out["decisions"] = dict(router.decisions)
+    if isinstance(router, IngressRouter):
+        out["decision_p50_ms"] = 1e3 * percentile(router.decision_s, 50)
+        out["decision_p99_ms"] = 1e3 * percentile(router.decision_s, 99)
     return out
 
 
 def run_cell(cell: Cell) -> list[dict]:
     """Every router of the cell on one trace. Load: the session rate at which the
-    clairvoyant router's prefill would be `load` busy, found by one calibration run of
-    the clairvoyant router (at the rate where the unique prompt work is half the pool's
-    prefill rate); caches: the cell's fraction of the working set at that rate."""
+    clairvoyant router's prefill would be `load` busy, found by two calibration runs of
+    the clairvoyant router (the first at the rate where the unique prompt work is half
+    the pool's prefill rate, the second at the rate the first gives, after the cell's
+    warm-up); caches: the cell's fraction of the working set at that rate."""
     base = SimConfig(replicas=cell.replicas)
     key = tuple(sorted(asdict(replace(base, replicas=1, cache_tokens=65536)).items()))
     per_session = calibrate(cell.workload, cell.seed, key)
@@ -815,6 +885,15 @@ def run_cell(cell: Cell) -> list[dict]:
         30.0 + min(60.0, 1500 / (rate0 * per_session[2])),
         30.0,
         per_session,
+    )
+    computed = max(0.02, 1.0 - probe["hit_rate"])
+    rate = cell.load * capacity / (per_session[3] * computed)
+    # Again at that rate, past the warm-up and long enough for tight caches to churn: a
+    # short run at another rate over-estimates the hit rate where caches are small (they
+    # have not filled yet), which put whole cells past saturation for every router.
+    measured_s = max(20.0, min(60.0, cell.measured_requests / (rate * per_session[2])))
+    probe = _simulate(
+        cell, Clairvoyant(), rate, fraction, cell.warmup_s + measured_s, cell.warmup_s, per_session
     )
     computed = max(0.02, 1.0 - probe["hit_rate"])
     rate = cell.load * capacity / (per_session[3] * computed)
@@ -935,6 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         k, v = item.split("=")
         overrides.append((k, int(v) if k == "max_imbalance" else float(v)))
     routers = tuple(args.routers.split(","))
+    # Seed-major: a run cut short holds whole seeds of the grid.
     cells = [
         Cell(
             w,
@@ -947,11 +1027,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.warmup_s,
             tuple(overrides),
         )
+        for s in args.seeds.split(",")
         for w in args.workloads.split(",")
         for p in args.pools.split(",")
         for c in (args.caches.split(",") if w != "no_reuse" else ["medium"])
         for load in args.loads.split(",")
-        for s in args.seeds.split(",")
     ]
     print(
         f"router_sim: {len(cells)} cells x {len(routers)} routers, machine {platform.machine()} "
@@ -964,6 +1044,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def progress(cell_rows: list[dict]) -> None:
         rows.extend(cell_rows)
+        if args.json:
+            # Rewritten after every cell: a run cut short keeps what finished.
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
         for row in cell_rows:
             print(
                 f"  {row['workload']} x{row['replicas']} {row['cache']} load {row['load']} "
@@ -974,8 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as ex:
-            for row in ex.map(run_cell, cells):
-                progress(row)
+            for future in as_completed([ex.submit(run_cell, c) for c in cells]):
+                progress(future.result())
     else:
         for c in cells:
             progress(run_cell(c))

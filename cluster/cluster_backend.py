@@ -330,6 +330,7 @@ class ClusterBackend(GenerationBackend):
                 if streamed:
                     # A prefill worker computes prompts only: the decode replica prefills
                     # the prompt and the streamed tokens itself.
+                    self.placement.release(placement)
                     placement = replace(placement, prefill=None)
                 request_id = (
                     request.request_id if attempt == 0 else f"{request.request_id}~m{attempt}"
@@ -630,6 +631,7 @@ class _Attempt:
             self._prefilled()
         if self._placement.decode is not None:
             self._in_flight.finish(self._placement.decode)
+        self._tracked._backend.placement.release(self._placement)
 
 
 @dataclass

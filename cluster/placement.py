@@ -19,16 +19,23 @@ then reused. No Ray here: it is driven from the ingress's event loop.
 from __future__ import annotations
 
 import copy
-from collections import Counter
-from collections.abc import Sequence
+import hashlib
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from tandem.cluster.index_feeder import PrefixIndexFeeder
 from tandem.cluster.metrics import RouterMetrics
 from tandem.router.hash_cache import HashCacheConfig, PromptHashCache
-from tandem.router.load import InFlight, LoadView, ReplicaMemo, WorkerRecord
+from tandem.router.load import POOLS, InFlight, LoadView, ReplicaLoad, ReplicaMemo, WorkerRecord
 from tandem.router.policies import DisaggRule, Placement, PlacementPolicy, place
-from tandem.router.prefix_index import sliding_blocks
+from tandem.router.prefix_index import (
+    PendingPrefixes,
+    prompt_block_hashes,
+    sliding_blocks,
+    usable_blocks,
+)
+from tandem.workers.kv.block_hash import encode_tokens
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,16 @@ class PlacementConfig:
     # ingress's part fresh, the other replicas' part from the heartbeat; router/load.py);
     # False: by the larger of the two, which keeps drained replicas busy until the next
     # heartbeat (bench/router_sim.py measured both).
+    decision_log: int = 256
+    # The last this many decisions are kept with their inputs (the load view, the
+    # cached tokens per replica) and reported by state(), so a decision can be replayed
+    # through place() elsewhere (tests/test_router_replay.py replays a cluster's through
+    # bench/router_sim.py's placement). 0: none kept.
+    pending_prefixes: bool = True
+    # Count the prompts this ingress placed and not yet seen end as cached on the replica
+    # that computes them (router/prefix_index.py PendingPrefixes): the index only learns
+    # of blocks once computed, so without this every request of a hot prefix arriving
+    # while the first one queues computes a copy elsewhere. Needs an index.
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -87,6 +104,19 @@ class PoolTokens:
         self.oracle_any_tokens += oracle_any
 
 
+def prompt_digest(prompt_token_ids: Sequence[int]) -> str:
+    """A prompt's identity in the decision log (hex)."""
+    return hashlib.blake2b(encode_tokens(prompt_token_ids), digest_size=12).hexdigest()
+
+
+def decision_from_state(entry: Mapping) -> tuple[LoadView, int, dict[str, int], Placement]:
+    """One of state()'s recent_decisions as place()'s inputs and its result:
+    (view, prompt tokens, cached tokens per replica, placement)."""
+    pools = {pool: tuple(ReplicaLoad(**r) for r in entry["view"][pool]) for pool in POOLS}
+    placement = Placement(**entry["placement"])
+    return LoadView(**pools), entry["prompt_tokens"], dict(entry["cached_tokens"]), placement
+
+
 class IngressPlacement:
     """Decides placements and accounts for them. Call `start()` on the event loop that
     places (the index feeder follows the streams there), `close()` at the end."""
@@ -113,6 +143,13 @@ class IngressPlacement:
         )
         self._metrics = metrics
         self.in_flight = InFlight()
+        self.pending = PendingPrefixes() if index is not None and config.pending_prefixes else None
+        self._pending_keys: dict[int, tuple[Placement, int]] = {}
+        self.recent: deque[tuple[str, LoadView, dict[str, int], int, Placement]] = deque(
+            maxlen=config.decision_log
+        )
+        # (prompt digest, view, cached tokens, prompt tokens, placement) per decision.
+        # id(placement) -> (the placement, its PendingPrefixes key), until release().
         self._load_memo: ReplicaMemo = {}
         self.pool_tokens = {"prefill": PoolTokens(), "decode": PoolTokens()}
         self.decisions: Counter[str] = Counter()
@@ -138,16 +175,37 @@ class IngressPlacement:
         )
 
     def cached_tokens(self, prompt_token_ids: Sequence[int], view: LoadView) -> dict[str, int]:
-        """Prompt tokens each replica of the view holds in its prefix cache (the index)."""
+        """Prompt tokens each replica of the view holds in its prefix cache (the index),
+        or will hold once it computes the prompts pending there (PendingPrefixes)."""
+        return self._cached(prompt_token_ids, view)[0]
+
+    def _cached(
+        self, prompt_token_ids: Sequence[int], view: LoadView
+    ) -> tuple[dict[str, int], tuple[list, dict[str, int]] | None]:
+        """cached_tokens, and when pending prefixes are kept, the prompt's block hashes
+        (all of its usable blocks) and the blocks each replica's cache holds (index)."""
         if self.index is None:
-            return {}
-        return self.index.index.cached_prompt_tokens(
-            prompt_token_ids,
-            view.replica_ids(),
-            self.config.block_size,
-            self.config.sliding_blocks,
-            self.hash_cache,
-        )
+            return {}, None
+        index, bs = self.index.index, self.config.block_size
+        if self.pending is None:
+            cached = index.cached_prompt_tokens(
+                prompt_token_ids,
+                view.replica_ids(),
+                bs,
+                self.config.sliding_blocks,
+                self.hash_cache,
+            )
+            return cached, None
+        num_blocks = usable_blocks(len(prompt_token_ids), bs)
+        if self.hash_cache is not None:
+            chain = self.hash_cache.chain(prompt_token_ids, num_blocks)
+            hashes = list(chain)
+            self.hash_cache.remember(chain)
+        else:
+            hashes = prompt_block_hashes(prompt_token_ids, bs)
+        held = index.matched_blocks(hashes, view.replica_ids(), self.config.sliding_blocks)
+        cached = {w: n * bs for w, n in self.pending.extend(hashes, held).items()}
+        return cached, (hashes, held)
 
     def place(
         self,
@@ -163,17 +221,38 @@ class IngressPlacement:
         decode_policy, prefill_policy = self.decode_policy, self.prefill_policy
         if dry_run:
             decode_policy, prefill_policy = copy.deepcopy((decode_policy, prefill_policy))
+        cached, chain = self._cached(prompt_token_ids, view)
         placement = place(
             view,
             len(prompt_token_ids),
             decode_policy=decode_policy,
             prefill_policy=prefill_policy,
             rule=self.config.rule,
-            cached_tokens=self.cached_tokens(prompt_token_ids, view),
+            cached_tokens=cached,
         )
         if not dry_run:
             self._count_decision(placement, view)
+            if self.recent.maxlen:
+                n = len(prompt_token_ids)
+                self.recent.append((prompt_digest(prompt_token_ids), view, cached, n, placement))
+            computes = self.computes(placement, len(prompt_token_ids))
+            if chain is not None and computes is not None:
+                # Pending: the blocks after those its cache held (from the index).
+                hashes, held = chain
+                start = held.get(computes[0], 0)
+                key = self.pending.add(computes[0], hashes[start:])
+                self._pending_keys[id(placement)] = (placement, key)
+                if len(self._pending_keys) > self.pending.max_requests:
+                    # Placements never released (dropped by PendingPrefixes as oldest).
+                    del self._pending_keys[next(iter(self._pending_keys))]
         return placement
+
+    def release(self, placement: Placement) -> None:
+        """The request `placement` placed ended: its prompt is no longer pending (the
+        index holds its blocks by now, from the replica's events). Idempotent."""
+        entry = self._pending_keys.pop(id(placement), None)
+        if entry is not None and self.pending is not None:
+            self.pending.remove(entry[1])
 
     def computes(self, placement: Placement, num_prompt_tokens: int) -> tuple[str, int] | None:
         """The replica placement leaves the prompt to, and the tokens it must compute."""
@@ -231,6 +310,18 @@ class IngressPlacement:
                 "applied": self.index.applied,
                 "resets": self.index.resets,
             }
+        if self.pending is not None:
+            state["pending_prompts"] = len(self.pending)
+        state["recent_decisions"] = [
+            {
+                "prompt": digest,
+                "prompt_tokens": n,
+                "view": {pool: [asdict(r) for r in view.pool(pool)] for pool in POOLS},
+                "cached_tokens": dict(cached),
+                "placement": asdict(placement),
+            }
+            for digest, view, cached, n, placement in self.recent
+        ]
         if self.hash_cache is not None:
             cache = self.hash_cache
             state["hash_cache"] = {

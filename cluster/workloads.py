@@ -62,12 +62,12 @@ class SessionSpec:
 
 def synthetic_answer(session_id: int, k: int, n: int, vocab_size: int) -> tuple[int, ...]:
     """A deterministic stand-in for a generated answer (same session, step: same ids)."""
-    rng = random.Random(session_id * 1_000_003 + k)
-    return tuple(rng.randrange(vocab_size) for _ in range(n))
+    return _tokens(random.Random(session_id * 1_000_003 + k), n, vocab_size)
 
 
 def _tokens(rng: random.Random, n: int, vocab_size: int) -> tuple[int, ...]:
-    return tuple(rng.randrange(vocab_size) for _ in range(n))
+    # choices: uniform like randrange, several times faster (a trace is millions of ids).
+    return tuple(rng.choices(range(vocab_size), k=n))
 
 
 def _uniform(rng: random.Random, bounds: tuple[int, int]) -> int:

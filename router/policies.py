@@ -146,12 +146,25 @@ class PrefixAwareConfig:
     # A replica whose outstanding requests fill its sequence slots (max_num_seqs) is only
     # eligible when every replica's do: a request there would wait for a slot, which the
     # cost (prompt tokens) does not see.
+    copy_queue_ratio: float | None = None
+    # A replica holding d fewer prompt tokens than the eligible replica holding the most
+    # is only a candidate while its queued prompt tokens are <= copy_queue_ratio * d:
+    # a prefix the pool holds is copied only onto a replica that would start it about
+    # at once. None: no such rule (see PrefixAware).
 
     def __post_init__(self) -> None:
         for name in ("prompt_weight", "queued_weight", "kv_weight"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"PrefixAwareConfig.{name} must be a finite number >= 0")
+        ratio = self.copy_queue_ratio
+        if ratio is not None and not (
+            isinstance(ratio, int | float)
+            and not isinstance(ratio, bool)
+            and math.isfinite(ratio)
+            and ratio >= 0
+        ):
+            raise ValueError("PrefixAwareConfig.copy_queue_ratio must be a finite number >= 0")
         if isinstance(self.max_imbalance, bool) or not isinstance(self.max_imbalance, int):
             raise ValueError("PrefixAwareConfig.max_imbalance must be an int")
         if self.max_imbalance < 0:
@@ -188,11 +201,21 @@ class PrefixAware(PlacementPolicy):
     The cost counts prompt tokens, not the wait for a sequence slot, so without this a
     hot prefix could queue requests behind full slots while other replicas idle.
 
+    Copy rule (copy_queue_ratio): a replica holding d fewer prompt tokens than the
+    eligible replica holding the most is a candidate only while its queued prompt
+    tokens are <= copy_queue_ratio * d. Going elsewhere computes the prefix a second
+    time and caches a second copy, which evicts other prefixes; that pays while the
+    other replica is idle, but when every replica has a queue (a busy pool, a cold
+    start) the copies are extra work that lengthens the queues that made them look
+    worthwhile, and the pool does not recover (bench/router_sim.py, RAG). With the
+    rule, a busy pool keeps each prefix where it is and only spare capacity takes
+    copies.
+
     Weights (bench/router_sim.py, bench/RESULTS.md): decode KV in use is not prefill
     work, and an absolute KV term (kv_weight x tens of thousands of tokens) outweighs
-    whole prompts, so the shipped kv_weight is 0. prompt_weight > queued_weight keeps
-    affinity through longer queues (tested below); on the simulated agent loops it kept
-    sessions on overloaded replicas, so the shipped weights are equal.
+    whole prompts, so the shipped kv_weight is 0. prompt_weight 2 > queued_weight 1:
+    moving a request away from its cached prefix must save twice the tokens it
+    recomputes (a copy costs cache space and work beyond this request's prefill).
 
     Reasons: "prefix" (the chosen replica holds the pool's longest cached prefix),
     "no_prefix" (no replica holds any of it), "load" (a longer prefix elsewhere cost
@@ -234,16 +257,15 @@ class PrefixAware(PlacementPolicy):
         replicas = request.replicas
         if not replicas:
             return None
-        # One pass over the pool (this runs twice per placement, on the request path):
-        # the cheapest eligible replica by (cost, outstanding per slot, id), the longest
-        # prefix in the pool and among the eligible ones.
-        bound = min([r.outstanding for r in replicas]) + self.config.max_imbalance
+        # Two passes over the pool (this runs twice per placement, on the request path):
+        # the eligible replicas and the longest prefix in the pool and among them; then
+        # the cheapest candidate by (cost, outstanding per slot, id).
+        config = self.config
+        bound = min([r.outstanding for r in replicas]) + config.max_imbalance
         slots = self._slots_matter(replicas, bound)
         cached = request.cached_tokens
-        cost = self.cost
-        best: ReplicaLoad | None = None
-        best_key: tuple[float, float, str] | None = None
         longest = longest_eligible = 0
+        eligible = []
         for r in replicas:
             held = cached.get(r.replica_id, 0)
             if held > longest:
@@ -252,15 +274,29 @@ class PrefixAware(PlacementPolicy):
                 continue
             if held > longest_eligible:
                 longest_eligible = held
+            eligible.append((r, held))
+        ratio = config.copy_queue_ratio
+        cost = self.cost
+        best: ReplicaLoad | None = None
+        best_key: tuple[float, float, str] | None = None
+        for r, held in eligible:
+            if (
+                ratio is not None
+                and held < longest_eligible
+                and r.pending_prompt_tokens > ratio * (longest_eligible - held)
+            ):
+                continue
             key = (cost(request, r), r.outstanding / r.max_num_seqs, r.replica_id)
             if best_key is None or key < best_key:
                 best, best_key = r, key
-        # Some replica is always eligible: the least busy one is within the bound, and the
-        # slot rule only applies when one within the bound has a free slot.
+        # Some replica is always a candidate: the least busy one is within the bound, the
+        # slot rule only applies when one within the bound has a free slot, and the copy
+        # rule never skips a replica holding the longest eligible prefix.
         assert best is not None
+        chosen = cached.get(best.replica_id, 0)
         if longest == 0:
             reason = "no_prefix"
-        elif cached.get(best.replica_id, 0) == longest:
+        elif chosen == longest:
             reason = "prefix"
         elif longest_eligible < longest:
             reason = "imbalance_bound"

@@ -32,8 +32,9 @@ Pure Python; it imports only the block-hash function of workers/.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import reduce
+from itertools import islice
 from operator import or_
 
 from tandem.router.hash_cache import PromptHashCache
@@ -295,4 +296,91 @@ class PrefixIndex:
             if runs[k] & scanning:
                 out.append((runs[k] & scanning, k + 1))
                 scanning &= ~runs[k]
+        return out
+
+
+class PendingPrefixes:
+    """Prompts an ingress placed whose blocks the chosen replica has not computed yet,
+    matched like the index's blocks.
+
+        add(replica, block hashes) -> key   at placement (the replica that computes it)
+        remove(key)                         when the request ends (the index has its
+                                            blocks by then, from the replica's events)
+
+    The prefix index learns a prompt's blocks only once the replica has computed them.
+    Until then a second request sharing the prompt (the next question about the same
+    document, while the first still waits in a queue) would find it cached nowhere and
+    be placed by load alone: it computes the same blocks elsewhere. Under load, queues
+    are long, so every request of a hot prefix arriving within one queue wait computes
+    a copy, the copies evict other prefixes, and the extra work lengthens the queues
+    (bench/router_sim.py, RAG: the pool never recovers from a cold start). Counting the
+    pending prompts as cached where they will be sends such requests after the first.
+
+    Reference counts per (replica, block): requests sharing blocks on one replica keep
+    them pending until the last one ends. At most `max_requests` are kept; beyond that
+    the oldest are dropped (a request whose end was never reported).
+    """
+
+    def __init__(self, max_requests: int = 4096) -> None:
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        self.max_requests = max_requests
+        self.index = PrefixIndex()
+        self._refs: dict[tuple[str, BlockHash], int] = {}
+        self._requests: dict[int, tuple[str, list[BlockHash]]] = {}
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def add(self, replica: str, hashes: Sequence[BlockHash]) -> int:
+        """`replica` will hold these blocks (a run of a prompt's blocks, in order: those
+        after what its cache held at placement)."""
+        key = self._next_key
+        self._next_key += 1
+        hashes = list(hashes)
+        self._requests[key] = (replica, hashes)
+        refs = self._refs
+        for h in hashes:
+            n = refs.get((replica, h), 0)
+            refs[(replica, h)] = n + 1
+            if not n:
+                self.index.stored(replica, FULL, h)
+        while len(self._requests) > self.max_requests:
+            self.remove(next(iter(self._requests)))
+        return key
+
+    def remove(self, key: int) -> None:
+        """The request `key` ended (or will never compute its prompt); unknown keys
+        (dropped as oldest) are ignored."""
+        entry = self._requests.pop(key, None)
+        if entry is None:
+            return
+        replica, hashes = entry
+        refs = self._refs
+        for h in hashes:
+            n = refs[(replica, h)] - 1
+            if n:
+                refs[(replica, h)] = n
+            else:
+                del refs[(replica, h)]
+                self.index.removed(replica, FULL, h)
+
+    def extend(self, hashes: Sequence[BlockHash], held: Mapping[str, int]) -> dict[str, int]:
+        """Each worker's cached prefix of the prompt, in blocks, with the pending blocks
+        that continue it: `held` (worker -> blocks its cache holds, from the index)
+        extended by the run of pending blocks from there. Only what a placement did not
+        find cached is kept pending (add's blocks start where the index stopped), so a
+        chat's next turn adds its new blocks, not its whole history."""
+        out = dict(held)
+        if not self._requests:
+            return out
+        starts: dict[int, list[str]] = {}
+        for worker, n in held.items():
+            if n < len(hashes):
+                starts.setdefault(n, []).append(worker)
+        for n, workers in starts.items():
+            for worker, run in self.index.matched_blocks(islice(hashes, n, None), workers).items():
+                if run:
+                    out[worker] = n + run
         return out

@@ -543,6 +543,17 @@ def _prefix_aware_by_definition(config: PrefixAwareConfig, request: PoolRequest)
     if config.slot_bound and free_slot:
         eligible = free_slot
 
+    def pending(r: ReplicaLoad) -> int:
+        return max(r.queued_prompt_tokens, r.in_flight_prompt_tokens)
+
+    most = max(held(r) for r in eligible)
+    candidates = eligible
+    if config.copy_queue_ratio is not None:
+        ratio = config.copy_queue_ratio
+        candidates = [
+            r for r in eligible if held(r) == most or pending(r) <= ratio * (most - held(r))
+        ]
+
     def key(r: ReplicaLoad) -> tuple:
         cost = (
             config.prompt_weight * max(0, request.num_prompt_tokens - held(r))
@@ -551,7 +562,7 @@ def _prefix_aware_by_definition(config: PrefixAwareConfig, request: PoolRequest)
         )
         return (cost, outstanding(r) / r.max_num_seqs, r.replica_id)
 
-    best = sorted(eligible, key=key)[0]
+    best = sorted(candidates, key=key)[0]
     longest = max(held(r) for r in pool)
     if longest == 0:
         reason = "no_prefix"
@@ -589,6 +600,7 @@ def test_prefix_aware_equals_its_definition_on_random_pools():
             kv_weight=rng.choice([0.0, 0.05]),
             max_imbalance=rng.randrange(4),
             slot_bound=rng.random() < 0.5,
+            copy_queue_ratio=rng.choice([None, 0.0, 0.5, 1.0, 4.0]),
         )
         request = PoolRequest(pool, rng.choice([10, 40, 100]), cached)
         policy = PrefixAware(config)
@@ -630,3 +642,28 @@ def test_prefix_aware_prompt_weight_keeps_a_conversation_over_a_short_queue():
     assert PrefixAware(PrefixAwareConfig(max_imbalance=64)).choose(request) == Choice("b", "load")
     shipped = PrefixAwareConfig(prompt_weight=2.0, max_imbalance=64)
     assert PrefixAware(shipped).choose(request) == Choice("a", "prefix")
+
+
+def test_prefix_aware_copies_a_cached_prefix_only_onto_a_replica_that_would_start_it():
+    # a holds 900 of 1000 prompt tokens behind a 3000-token queue; b and c hold nothing,
+    # with 1000 and 950 tokens queued. By cost alone c (1000 + 950) beats a (100 + 3000);
+    # with the copy rule (ratio 1: at most 900 queued for the 900 tokens a copy
+    # recomputes) neither b nor c may take a copy and the request stays on a.
+    pool = (
+        replica("a", queued_prompt_tokens=3000),
+        replica("b", queued_prompt_tokens=1000),
+        replica("c", queued_prompt_tokens=950),
+    )
+    request = PoolRequest(pool, 1000, {"a": 900})
+    cost_only = PrefixAwareConfig(max_imbalance=64)
+    assert PrefixAware(cost_only).choose(request) == Choice("c", "load")
+    rule = PrefixAwareConfig(max_imbalance=64, copy_queue_ratio=1.0)
+    assert PrefixAware(rule).choose(request) == Choice("a", "prefix")
+    # Once c's queue is short enough to start the copy about at once, it takes it.
+    idle = (pool[0], pool[1], replica("c", queued_prompt_tokens=200))
+    assert PrefixAware(rule).choose(PoolRequest(idle, 1000, {"a": 900})) == Choice("c", "load")
+    # Cold prompts (held nowhere) are placed by load alone.
+    assert PrefixAware(rule).choose(PoolRequest(pool, 1000, {})) == Choice("c", "no_prefix")
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="copy_queue_ratio"):
+            PrefixAwareConfig(copy_queue_ratio=bad)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import random
 
-from tandem.router.prefix_index import FULL, SLIDING, PrefixIndex, prompt_block_hashes
+import pytest
+
+from tandem.router.prefix_index import (
+    FULL,
+    SLIDING,
+    PendingPrefixes,
+    PrefixIndex,
+    prompt_block_hashes,
+)
 from tandem.workers.engine.request import Request
 from tandem.workers.engine.scheduler import Scheduler, SchedulerConfig
 from tandem.workers.kv.block_hash import hash_prompt_blocks
@@ -196,3 +204,34 @@ def test_blocks_by_group_and_release_of_a_worker():
     index.stored("b", FULL, H[3])
     assert index.matched_blocks([H[0], H[3]], ["a", "b"]) == {"a": 0, "b": 0}
     assert index.matched_blocks([H[3]], ["a", "b"]) == {"a": 0, "b": 1}
+
+
+def test_pending_prefixes_extend_the_cached_run_and_leave_with_their_request():
+    chain = [bytes([i]) * 8 for i in range(10)]
+    pending = PendingPrefixes(max_requests=3)
+    held = {"a": 0, "b": 4, "c": 2}
+    assert pending.extend(chain, held) == held  # nothing pending: the index's figures
+    # A cold prompt placed on a (its cache held none of it): the whole chain is pending.
+    first = pending.add("a", chain[:8])
+    # b's cache holds 4 blocks; its pending run starts where the cache stopped.
+    second = pending.add("b", chain[4:10])
+    assert pending.extend(chain, held) == {"a": 8, "b": 10, "c": 2}
+    # A run that does not continue what the cache holds adds nothing (c holds 2, pending
+    # on b starts at 4); neither does a later turn diverging from the pending chain.
+    assert pending.extend([*chain[:6], b"x" * 8], held) == {"a": 6, "b": 6, "c": 2}
+    # Shared blocks are counted: a second request on a keeps them while the first ends.
+    third = pending.add("a", chain[:3])
+    pending.remove(first)
+    assert pending.extend(chain, held) == {"a": 3, "b": 10, "c": 2}
+    pending.remove(first)  # unknown keys (already removed) are ignored
+    pending.remove(third)
+    pending.remove(second)
+    assert len(pending) == 0 and pending.index.num_blocks() == 0
+    # At most max_requests are kept: the oldest goes first.
+    keys = [pending.add(w, chain[:2]) for w in ("a", "b", "c", "d")]
+    assert len(pending) == 3 and pending.extend(chain, {"a": 0, "d": 0}) == {"a": 0, "d": 2}
+    for key in keys:
+        pending.remove(key)
+    assert pending.index.num_blocks() == 0 and not pending.index.workers
+    with pytest.raises(ValueError, match="max_requests"):
+        PendingPrefixes(max_requests=0)
