@@ -254,8 +254,9 @@ class _Worker:
         # ep.size > 1: rank 0 here, ranks 1..N-1 processes it starts (workers/expert_parallel)
         return AsyncLLMEngine(build_engine(model_dir, engine_config, ep))
 
-    async def check_health(self) -> bool:
-        return await self.engine.check_health()
+    async def check_health(self, timeout_s: float = 5.0) -> bool:
+        """True when the engine loop answers a no-op within `timeout_s`."""
+        return await self.engine.check_health(timeout_s)
 
     def metrics(self) -> dict[str, float]:
         return {
