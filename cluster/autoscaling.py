@@ -43,9 +43,11 @@ prefill pool also targets `prompt_tokens_per_s`, the prompt tokens arriving at a
 per second over the last 5 s, against what a replica computes with headroom.
 
 Prefill scales on queued prompt tokens (work admitted but not yet computed, which is
-what TTFT waits on) and waiting requests; decode on KV-cache use and running sequences
-(what inter-token latency and admission depend on). The module imports no torch and
-nothing of Ray at import time: Serve pickles it by value into its controller.
+what TTFT waits on) and waiting requests, with `slo: {ttft_s: ...}`; decode on KV-cache
+use and running sequences (what inter-token latency and admission depend on), with
+`slo: {itl_s: ...}` (the time between a stream's tokens, 90th percentile). The module
+imports no torch and nothing of Ray at import time: Serve pickles it by value into its
+controller.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ import math
 from typing import Any
 
 # The figures a worker replica reports: load (summed over replicas for `targets`) and
-# its recent time from arrival to first token (90th percentile, for `slo`).
+# latencies (90th percentiles over the last 5 s, for `slo`): its time from arrival to first
+# token, and (decode) the time between a stream's tokens.
 LOAD_METRICS = ("queued_prompt_tokens", "waiting", "running", "kv_usage", "prompt_tokens_per_s")
-LATENCY_METRICS = ("ttft_s",)
+LATENCY_METRICS = ("ttft_s", "itl_s")
 REPORTED_METRICS = LOAD_METRICS + LATENCY_METRICS
 
 

@@ -59,6 +59,15 @@ def test_a_latency_over_its_slo_votes_up_never_down():
         PoolAutoscaler({"ttft_s": 1.0})
 
 
+def test_decode_scales_up_on_inter_token_latency():
+    policy = PoolAutoscaler({"kv_usage": 0.75, "running": 32}, slo={"itl_s": 0.05})
+    light = _metrics(kv_usage=[0.2], running=[10])
+    assert policy.decide(1, {**light, "itl_s": {"r0": 0.04}}) == 1
+    assert policy.decide(1, {**light, "itl_s": {"r0": 0.08}}) == 2
+    # no stream yet (0: no gaps seen) is not slow
+    assert policy.decide(1, {**light, "itl_s": {"r0": 0.0}}) == 1
+
+
 def test_prompt_arrival_rate_sizes_the_pool_before_a_queue_builds():
     policy = PoolAutoscaler({**PREFILL, "prompt_tokens_per_s": 1000})
     # queues empty, but 3,400 prompt tokens a second arrive at two replicas: 3.4 worth

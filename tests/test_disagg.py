@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
+from tandem.cluster.autoscaling import REPORTED_METRICS
 from tandem.workers.disagg.roles import (
     DecodeWorker,
     DisaggConfig,
@@ -122,3 +124,18 @@ def test_dead_prefill_worker_falls_back_to_local_prefill(tiny_model_dir, workers
     assert ids == want.token_ids
     assert served.prefill_mode == "fallback"
     assert decode.metrics()["kv_usage"] == 0.0
+
+
+def test_workers_report_every_autoscaling_figure(workers):
+    """What each replica hands its pool's autoscaler (cluster/app.py takes exactly
+    REPORTED_METRICS from metrics()): after a stream, decode's time to first token and
+    its time between tokens, each no longer than the stream took."""
+    prefill, decode = workers
+    started = time.monotonic()
+    ids, _, _, _ = run(decode, list(range(1, 9)), GREEDY, rid="figures")
+    took = time.monotonic() - started
+    assert len(ids) == 10
+    for worker in (prefill, decode):
+        assert set(REPORTED_METRICS) <= set(worker.metrics())
+    m = decode.metrics()
+    assert 0 < m["ttft_s"] <= took and 0 < m["itl_s"] <= took

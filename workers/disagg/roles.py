@@ -238,9 +238,10 @@ class _Worker:
     def __init__(self, engine: AsyncLLMEngine, replica_id: str, model_id: str) -> None:
         self.engine = engine
         self.replica_id = replica_id
-        # arrival here to the first token, and prompt tokens arriving: the autoscaler's
-        # latency and demand signals
+        # arrival here to the first token, the time between a stream's tokens (decode),
+        # and prompt tokens arriving: the autoscaler's latency and demand signals
         self.start_latency = RecentLatency()
+        self.token_gaps = RecentLatency()
         self.prompt_arrivals = RecentLatency()
         core = engine.engine
         self.layout = KVLayout.from_config(
@@ -262,6 +263,7 @@ class _Worker:
         return {
             **self.engine.metrics(),
             "ttft_s": self.start_latency.p90(),
+            "itl_s": self.token_gaps.p90(),
             "prompt_tokens_per_s": self.prompt_arrivals.rate(),
         }
 
@@ -422,11 +424,16 @@ class DecodeWorker(_Worker):
             served = ServedInfo(self.replica_id, "", "fallback")
         else:
             served = await self._remote_prefill(msg, slot, prefill, prefill_replica)
-        first = True
+        last = None
         async for out in self.engine.stream(msg.request_id):
-            if first and out.token_ids:
-                first = False
-                self.start_latency.add(time.monotonic() - started)
+            if out.token_ids:
+                now = time.monotonic()
+                if last is None:
+                    self.start_latency.add(now - started)
+                else:
+                    # one sample a delta: its gap spread over the tokens it carries
+                    self.token_gaps.add((now - last) / len(out.token_ids))
+                last = now
             yield encode_delta(out, served if out.finished else None)
 
     async def _remote_prefill(self, msg, slot, prefill: Prefill, prefill_replica: str):
