@@ -18,9 +18,9 @@ with bf16/fp16 activations on tensor cores). `default_tiling` picks the path fro
 batch size and dtype.
 
 Public: `moe_mxfp4`, `experts_mxfp4` (the experts for a given routing), `route`,
-`group_by_expert`, `MoETiling`, `MoEGemvTiling`,
-`default_tiling`, `ExpertGroups`, `pack_f16_pairs`, `swiglu_f16_exponent`, and the plain
-fp32 torch reference `moe_mxfp4_reference` at the bottom.
+`group_by_expert`, `gate_up_grouped` and `down_grouped` (one grouped GEMM each),
+`MoETiling`, `MoEGemvTiling`, `default_tiling`, `ExpertGroups`, `pack_f16_pairs`,
+`swiglu_f16_exponent`, and the plain fp32 torch reference `moe_mxfp4_reference` at the bottom.
 """
 
 from dataclasses import dataclass
@@ -340,38 +340,62 @@ def _routed_experts(x: torch.Tensor, route_weights: torch.Tensor, experts: torch
                             gate_up_bias, down_blocks, down_scales, down_bias, d_ff,
                             swiglu_limit, alpha, tiling, packed)     # [T * k, d] fp32
     groups = group_by_expert(experts, num_experts, tiling.block_m)
-    num_blocks = groups.block_expert.numel()
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    dot_fp32 = x.device.type == "cpu"  # the Triton interpreter: no bf16 matmul in numpy
-    # tl.dot_scaled takes bf16/fp16 activations with the packed weights as they are; fp32
-    # activations keep the in-register decode and exact fp32 dots.
-    scaled_format = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, "")
-
-    act = torch.empty((num_blocks * tiling.block_m, d_ff), dtype=x.dtype, device=x.device)
-    grid = (num_blocks, triton.cdiv(d_ff, tiling.block_n))
-    _gate_up_swiglu_kernel[grid](
-        x, gate_up_blocks.contiguous(), gate_up_scales.contiguous(), gate_up_bias.contiguous(),
-        act, groups.pair_ids, groups.block_expert,
-        groups.num_pairs, d_model, d_ff, gate_up_blocks.stride(1), gate_up_scales.stride(1),
-        x.stride(0), act.stride(0), float(swiglu_limit), float(alpha),
-        TOP_K=top_k, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-    )
-
+    act = torch.empty((groups.block_expert.numel() * tiling.block_m, d_ff), dtype=x.dtype,
+                      device=x.device)
+    gate_up_grouped(x, gate_up_blocks, gate_up_scales, gate_up_bias, act, groups, top_k,
+                    swiglu_limit, alpha, tiling.block_n, tiling.block_k, tiling.num_warps,
+                    tiling.num_stages)
     y = torch.empty((groups.num_pairs, d_model), dtype=torch.float32, device=x.device)
-    down_block_n, down_block_k, down_warps, down_stages = tiling.down
-    grid = (num_blocks, triton.cdiv(d_model, down_block_n))
-    _down_kernel[grid](
-        act, down_blocks.contiguous(), down_scales.contiguous(), down_bias.contiguous(),
-        route_weights.reshape(-1).contiguous(), y, groups.pair_ids, groups.block_expert,
-        groups.num_pairs, d_model, d_ff, down_blocks.stride(1), down_scales.stride(1),
-        act.stride(0), y.stride(0),
-        BLOCK_M=tiling.block_m, BLOCK_N=down_block_n, BLOCK_K=down_block_k,
-        DOT_FP32=dot_fp32, DOT_PRECISION=precision, SCALED_FORMAT=scaled_format,
-        num_warps=down_warps, num_stages=down_stages,
-    )
+    down_grouped(act, down_blocks, down_scales, down_bias, route_weights.reshape(-1), y,
+                 groups, *tiling.down)
     return y
+
+
+def _dot_options(x: torch.Tensor) -> dict:
+    """The grouped kernels' dot flavour for activations like x."""
+    return {
+        "DOT_FP32": x.device.type == "cpu",  # the Triton interpreter: no bf16 matmul in numpy
+        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
+        # tl.dot_scaled takes bf16/fp16 activations with the packed weights as they are;
+        # fp32 activations keep the in-register decode and exact fp32 dots.
+        "SCALED_FORMAT": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, ""),
+    }
+
+
+def gate_up_grouped(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor, act: torch.Tensor, groups: ExpertGroups, top_k: int,
+                    swiglu_limit: float, alpha: float, block_n: int, block_k: int,
+                    num_warps: int, num_stages: int) -> None:
+    """act[row] = SwiGLU(W1 x + b1) of every grouped row (one launch; the first GEMM).
+    Public for bench/gpu_moe_sweep.py, which times each GEMM apart."""
+    d_model, d_ff = x.shape[1], blocks.shape[1] // 2
+    grid = (groups.block_expert.numel(), triton.cdiv(d_ff, block_n))
+    _gate_up_swiglu_kernel[grid](
+        x, blocks.contiguous(), scales.contiguous(), bias.contiguous(),
+        act, groups.pair_ids, groups.block_expert,
+        groups.num_pairs, d_model, d_ff, blocks.stride(1), scales.stride(1),
+        x.stride(0), act.stride(0), float(swiglu_limit), float(alpha),
+        TOP_K=top_k, BLOCK_M=groups.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages, **_dot_options(x),
+    )
+
+
+def down_grouped(act: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor, route_weights: torch.Tensor, y: torch.Tensor,
+                 groups: ExpertGroups, block_n: int, block_k: int, num_warps: int,
+                 num_stages: int) -> None:
+    """y[pair] = weight * (W2 act + b2) of every grouped row (one launch; the second GEMM).
+    route_weights [T * k] fp32."""
+    d_model, d_ff = blocks.shape[1], act.shape[1]
+    grid = (groups.block_expert.numel(), triton.cdiv(d_model, block_n))
+    _down_kernel[grid](
+        act, blocks.contiguous(), scales.contiguous(), bias.contiguous(),
+        route_weights.contiguous(), y, groups.pair_ids, groups.block_expert,
+        groups.num_pairs, d_model, d_ff, blocks.stride(1), scales.stride(1),
+        act.stride(0), y.stride(0),
+        BLOCK_M=groups.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages, **_dot_options(act),
+    )
 
 
 def _combine(y: torch.Tensor, x: torch.Tensor, top_k: int) -> torch.Tensor:
