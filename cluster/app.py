@@ -174,15 +174,26 @@ class _WorkerServer:
     worker: PrefillWorker | DecodeWorker
     presence: WorkerPresence
     replica_id: str
+    check_timeout_s: float
+    # health.check_timeout_s: how long the engine check waits for the engine loop
 
     async def check_health(self) -> None:
-        """Serve's health check: raising marks the replica unhealthy, and Serve replaces it."""
-        if not await self.worker.check_health():
-            raise RuntimeError(f"the engine loop of {self.replica_id} is stuck or failed")
+        """Serve's health check: raising marks the replica unhealthy, and Serve replaces it
+        after three in a row. A stuck engine fails within check_timeout_s; a stopped
+        process answers nothing, and Serve's own timeout (check_timeout_s plus a margin,
+        HealthSettings.serve_options) fails it."""
+        if not await self.worker.check_health(self.check_timeout_s):
+            raise RuntimeError(
+                f"the engine loop of {self.replica_id} did not answer within "
+                f"{self.check_timeout_s} s, or failed"
+            )
 
     async def check_engine(self, tandem_replica: str = "") -> bool:
-        """The ingress's readiness probe: a no-op through this replica's engine loop."""
-        return await self.worker.check_health()
+        """The ingress's readiness probe: a no-op through this replica's engine loop.
+        Pinned to another replica (Serve no longer routes to that one), it refuses with
+        PinMissed rather than answer for it."""
+        _check_pin(tandem_replica, self.replica_id)
+        return await self.worker.check_health(self.check_timeout_s)
 
     def metrics(self, tandem_replica: str = "") -> str:
         """This replica's engine figures as JSON, with its replica id (to see where a
@@ -214,6 +225,7 @@ class PrefillServer(_WorkerServer):
         torch.set_num_threads(1)
         settings = TandemSettings.from_json(args_json)
         self.replica_id = _replica_id()
+        self.check_timeout_s = settings.health.check_timeout_s
         self.worker = PrefillWorker.create(
             settings.resolve_model_dir(),
             settings.prefill_engine,
@@ -241,6 +253,7 @@ class DecodeServer(_WorkerServer):
         torch.set_num_threads(1)
         settings = TandemSettings.from_json(args_json)
         self.replica_id = _replica_id()
+        self.check_timeout_s = settings.health.check_timeout_s
         self._prefill = prefill
         cp = settings.control_plane
         self._peer_registry = WorkerRegistry(
@@ -389,6 +402,9 @@ class Ingress:
 def _bind(
     args_json: str, settings: TandemSettings, options: dict[str, dict[str, Any]]
 ) -> Application:
+    """The three deployments; each gets Serve health checks as `settings.health` says,
+    under whatever `options` (the config file's) sets itself."""
+    health = settings.health.serve_options()
     # A worker of N expert-parallel ranks asks Ray for a CPU (on CUDA also a GPU) per rank,
     # unless the file names its resources (cluster/config.py checks those).
     workers = {
@@ -397,7 +413,7 @@ def _bind(
     }
 
     def opts(name: str) -> dict[str, Any]:
-        return {**workers.get(name, {}), **options.get(name, {})}
+        return {**health, **workers.get(name, {}), **options.get(name, {})}
 
     prefill = PrefillServer.options(**opts(PREFILL)).bind(args_json)
     decode = DecodeServer.options(**opts(DECODE)).bind(args_json, prefill)
@@ -405,7 +421,8 @@ def _bind(
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The application builder Serve configs name: `args` is the config's `args`."""
+    """The application builder Serve configs name: `args` is the config's `args`. Serve
+    applies the config's `deployments` section over what this returns."""
     settings, args_json = parse_args(args)
     return _bind(args_json, settings, {})
 

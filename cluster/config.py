@@ -128,6 +128,7 @@ class PrefixAwareArgs(_Strict):
     queued_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     kv_weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     max_imbalance: int = Field(default=8, ge=0)
+    copy_queue_ratio: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class DecodePrefixAwareArgs(PrefixAwareArgs):
@@ -155,6 +156,16 @@ class ControlPlaneArgs(_Strict):
     heartbeat_stale_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     registry_poll_s: float = Field(default=0.5, gt=0, le=60, allow_inf_nan=False)
     metrics_interval_s: float = Field(default=1.0, gt=0, le=60, allow_inf_nan=False)
+
+
+class HealthArgs(_Strict):
+    # A replica's Serve health check runs its engine check with this timeout: a stuck
+    # engine fails it. Serve waits check_timeout_s + HEALTH_REPLY_MARGIN_S for the
+    # answer (a stopped process answers nothing: Serve's own timeout decides).
+    check_timeout_s: float = Field(default=2.0, gt=0, le=60, allow_inf_nan=False)
+    # How often Serve checks each replica. Serve replaces a replica after 3 failed
+    # checks in a row: a stopped one goes within ~3 x (check_timeout_s + margin).
+    check_period_s: float = Field(default=2.0, gt=0, le=600, allow_inf_nan=False)
 
 
 class IngressArgs(_Strict):
@@ -188,6 +199,7 @@ class TandemArgs(_Strict):
     expert_parallel: ExpertParallelPerRole = ExpertParallelPerRole()
     control_plane: ControlPlaneArgs = ControlPlaneArgs()
     ingress: IngressArgs = IngressArgs()
+    health: HealthArgs = HealthArgs()
 
 
 # ----------------------------------------------------- the converted settings
@@ -269,6 +281,26 @@ class ControlPlaneSettings:
         return min(self.heartbeat_ttl_s, max(3 * self.heartbeat_interval_s, 1.5))
 
 
+# What Serve's health_check_timeout_s adds to the engine check's own timeout: the
+# replica's failing answer must reach the controller before Serve gives up on it.
+HEALTH_REPLY_MARGIN_S = 1.0
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    check_timeout_s: float = 2.0
+    # A worker replica's engine check waits this long for its engine loop.
+    check_period_s: float = 2.0
+    # Serve's health_check_period_s for every deployment.
+
+    def serve_options(self) -> dict[str, float]:
+        """Serve deployment options that make Serve's health checks these."""
+        return {
+            "health_check_period_s": self.check_period_s,
+            "health_check_timeout_s": self.check_timeout_s + HEALTH_REPLY_MARGIN_S,
+        }
+
+
 @dataclass(frozen=True)
 class TandemSettings:
     """Everything the deployments need, typed; built from TandemArgs in one place."""
@@ -306,6 +338,8 @@ class TandemSettings:
     prefill_ep: ExpertParallelConfig = ExpertParallelConfig()
     decode_ep: ExpertParallelConfig = ExpertParallelConfig()
     # Expert parallelism of each pool's workers (size 1: one process per replica).
+    health: HealthSettings = HealthSettings()
+    # Replica health checks: the engine check's timeout, Serve's check period.
 
     def __post_init__(self) -> None:
         # The prompt's KV blocks move between the two pools as they are: same block size,
@@ -365,6 +399,7 @@ class TandemSettings:
             max_migrations=args.ingress.max_migrations,
             stall_timeout_s=args.ingress.stall_timeout_s,
             stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
+            health=HealthSettings(**args.health.model_dump()),
         )
 
     @classmethod

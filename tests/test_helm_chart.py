@@ -316,7 +316,10 @@ def _expected_serve_config(v: dict[str, Any]) -> dict[str, Any]:
             for pool in GPU_POOLS
         },
         "expert_parallel": {pool: v[pool]["expertParallel"] for pool in GPU_POOLS},
-        **{key: v["app"][key] for key in ("disagg", "placement", "control_plane", "ingress")},
+        **{
+            key: v["app"][key]
+            for key in ("disagg", "placement", "control_plane", "ingress", "health")
+        },
     }
     if v["model"]["id"]:
         args["model_id"] = v["model"]["id"]
@@ -388,13 +391,33 @@ def test_env_var_names_of_the_config_are_set_in_the_pods(rendered):
         )
 
 
+def test_probes_and_serve_health_checks_agree(rendered, tmp_path):
+    """The Ingress pod's readiness probe outwaits the ingress's own health timeout (so a
+    slow check answers NOT_SERVING rather than timing out in kubelet), and the Serve
+    health checks the app asks for outwait each replica's engine check."""
+    path = tmp_path / "serve-config.yaml"
+    path.write_text(rendered.rayservice["spec"]["serveConfigV2"], encoding="utf-8")
+    s = load_app_config(path).settings
+    probe = _ray_container(worker_group(rendered, "ingress")["template"])["readinessProbe"]
+    assert probe["grpc"]["service"] == "tandem.v1.Tandem"
+    assert probe["timeoutSeconds"] > s.health_timeout_s
+    health = rendered.values["app"]["health"]
+    assert (s.health.check_timeout_s, s.health.check_period_s) == (
+        health["check_timeout_s"],
+        health["check_period_s"],
+    )
+    serve = s.health.serve_options()
+    assert serve["health_check_timeout_s"] > s.health.check_timeout_s
+    assert serve["health_check_period_s"] == health["check_period_s"]
+
+
 def test_chart_values_mirror_the_app_args_schema():
     # Keys the chart passes into `args` unchanged must be keys cluster/config.py accepts.
     schema = json.loads((CHART_DIR / "values.schema.json").read_text(encoding="utf-8"))
     engine_keys = set(schema["definitions"]["engine"]["properties"])
     assert engine_keys <= set(EngineArgs.model_fields) - {"device"}
     app = schema["properties"]["app"]["properties"]
-    for key in ("disagg", "placement", "control_plane", "ingress"):
+    for key in ("disagg", "placement", "control_plane", "ingress", "health"):
         sub = TandemArgs.model_fields[key].annotation
         assert set(app[key]["properties"]) <= set(sub.model_fields), key
 

@@ -135,13 +135,15 @@ of the pool's custom resource and every replica of the pool asks for one.
           # replica of this pod answers SERVING for tandem.v1.Tandem only while its engine
           # check passes and it is not draining. kubelet's grpc probe speaks no TLS (and
           # takes a port number, not a name): with TLS on it asks the plaintext health-only
-          # port. The timeout is above the ingress's engine-check timeout (5 s by default).
+          # port. The timeout is 1 s above the ingress's own health timeout
+          # (app.ingress.health_timeout_s), so the ingress's NOT_SERVING, not kubelet's
+          # timeout, is what a slow engine check yields.
           readinessProbe:
             grpc:
               port: {{ ternary (int $v.grpc.healthPort) (int $v.grpc.port) $v.grpc.tls.enabled }}
               service: tandem.v1.Tandem
             periodSeconds: 5
-            timeoutSeconds: 6
+            timeoutSeconds: {{ add1 (int (ceil $v.app.ingress.health_timeout_s)) }}
             failureThreshold: 3
           {{- else }}
           # Raylet health (Ray >= 2.53). Set here because KubeRay's default readiness for

@@ -68,7 +68,7 @@ $TANDEM_API_KEY, both set from Secrets in the pods (see tandem.rayEnv).
 {{- $_ := set $args "model_id" $v.model.id -}}
 {{- end -}}
 {{- $_ := set $args "api_key_env" (ternary "TANDEM_API_KEY" nil $v.auth.apiKey.enabled) -}}
-{{- range $key := list "disagg" "placement" "control_plane" "ingress" -}}
+{{- range $key := list "disagg" "placement" "control_plane" "ingress" "health" -}}
 {{- if hasKey $v.app $key -}}
 {{- $_ := set $args $key (index $v.app $key) -}}
 {{- end -}}
