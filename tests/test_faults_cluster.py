@@ -7,6 +7,8 @@ CPU, gRPC and HTTP over loopback.
   never SERVING while it is stopped; the ingress's own health stays SERVING on the other
   replica's word; the registry leaves it out (its heartbeat stands still) so placement
   stops choosing it; Serve replaces it (its health check times out three times).
+- Both prefill replicas stopped: the decode replica prefills locally once their
+  heartbeats stand still (Ray still reports them alive).
 - Both prefill replicas killed: the next long prompt is prefilled on its decode replica
   as soon as the decode replica learns its peer is dead (Ray), not after the transfer
   deadline (an hour here, so waiting for it fails the test), and the dead replica's
@@ -185,7 +187,28 @@ def test_stopped_decode_replica_is_never_serving_leaves_placement_and_is_replace
     print(f"stopped decode replica replaced after {replaced_s:.1f} s")
 
 
+def test_stopped_prefill_replicas_are_not_waited_for(cluster, client, reference):
+    """Both prefill replicas stopped (SIGSTOP): Ray still calls them alive, so only their
+    heartbeats standing still tell; the decode replica gives up on its peer then and
+    prefills locally (the transfer deadline is an hour)."""
+    victims = cluster.replicas("prefill")
+    pids = [_pid(APP, PREFILL, rid) for rid in victims]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        prompt = list(range(200, 320))
+        ids, last, ttft = _generate(client, prompt)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert ids == _want(reference, prompt)
+    assert last.served_by.prefill_replica == ""
+    print(f"TTFT of a long prompt while both prefill replicas are stopped: {ttft:.2f} s")
+
+
 def test_killed_prefill_replicas_are_not_waited_for_and_leave_placement(cluster, client, reference):
+    # The previous test's stopped replicas may have been replaced: two alive again first.
+    wait_for(lambda: len(cluster.replicas("prefill")) == 2, 60, "two prefill replicas")
     victims = cluster.replicas("prefill")
     for rid in victims:
         ray.kill(ray.get_actor(replica_actor_name(APP, PREFILL, rid), SERVE_NAMESPACE))
