@@ -42,7 +42,15 @@ from pathlib import Path
 
 import grpc
 
-from bench.hostile_input import CHAT, GENERATE, Phase, _normal_loop, hostile_requests, summary
+from bench.hostile_input import (
+    CHAT,
+    GENERATE,
+    Phase,
+    _normal_loop,
+    hostile_requests,
+    run_for,
+    summary,
+)
 from tandem.cluster.api.gen import tandem_pb2 as pb
 
 
@@ -153,12 +161,7 @@ def run_phase(
     if flooder is not None:
         flooder.ready()
     before = cpu_s(ingress_pid)
-    for t in threads:
-        t.start()
-    time.sleep(seconds)  # the measurement window itself, not a synchronisation
-    stop.set()
-    for t in threads:
-        t.join(120)
+    run_for(threads, stop, seconds)
     spent = cpu_s(ingress_pid) - before
     flood_cpu = flooder.stop(phase) if flooder is not None else 0.0
     cpu = {

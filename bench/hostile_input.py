@@ -234,13 +234,18 @@ def run_phase(
         threads.append(
             threading.Thread(target=_hostile_loop, args=(target, stop, phase, lock, only, rate))
         )
+    run_for(threads, stop, seconds)
+    return phase
+
+
+def run_for(threads: list[threading.Thread], stop: threading.Event, seconds: float) -> None:
+    """Start the phase's threads, let them run `seconds`, then stop and join them."""
     for t in threads:
         t.start()
     time.sleep(seconds)  # the measurement window itself, not a synchronisation
     stop.set()
     for t in threads:
         t.join(120)
-    return phase
 
 
 def cpu_cost(server: ServerProcess, repeats: int = 40) -> dict[str, dict]:
