@@ -62,7 +62,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -71,7 +71,7 @@ from pathlib import Path
 import yaml
 
 from tandem.cluster.index_feeder import PrefixIndexFeeder
-from tandem.cluster.placement import IngressPlacement, PlacementConfig
+from tandem.cluster.placement import IngressPlacement, PlacementConfig, decision_from_state
 from tandem.cluster.workloads import SessionSpec, Workload, make_workload, synthetic_answer
 from tandem.router.load import InFlight, LoadView
 from tandem.router.policies import (
@@ -375,6 +375,45 @@ class Router(ABC):
         """The job ended (an ingress releases its pending prompt here)."""
 
 
+def make_ingress(
+    config: SimConfig,
+    prefix_aware: PrefixAwareConfig,
+    index: PrefixIndex | None = None,
+    pending: bool = True,
+) -> IngressPlacement:
+    """The ingress placement the simulation runs: PrefixAware with `prefix_aware` in both
+    pools, the disaggregation rule, over `index` (the simulation feeds it block events;
+    its feeder is never started)."""
+    feeder = PrefixIndexFeeder(KVEventReader("redis://127.0.0.1:1", cluster="router-sim"))
+    if index is not None:
+        feeder.index = index
+    return IngressPlacement(
+        decode_policy=PrefixAware(prefix_aware),
+        prefill_policy=PrefixAware(prefix_aware),
+        config=PlacementConfig(
+            rule=DisaggRule(config.local_prefill_threshold),
+            block_size=config.block_size,
+            pending_prefixes=pending,
+        ),
+        index=feeder,
+    )
+
+
+def replay_decision(ingress: IngressPlacement, entry: Mapping) -> Placement:
+    """A decision an ingress logged (IngressPlacement.state()'s recent_decisions) made
+    again by the simulation's placement, from the same inputs: the load view and the
+    cached tokens per replica (tests/test_router_cluster.py replays a cluster's)."""
+    view, num_prompt_tokens, cached, _ = decision_from_state(entry)
+    return place(
+        view,
+        num_prompt_tokens,
+        decode_policy=ingress.decode_policy,
+        prefill_policy=ingress.prefill_policy,
+        rule=ingress.config.rule,
+        cached_tokens=cached,
+    )
+
+
 class IngressRouter(Router):
     """The ingress's own placement object, cluster/placement.py's IngressPlacement, as
     ClusterBackend drives it: its LoadView join of the registry records with its
@@ -394,19 +433,7 @@ class IngressRouter(Router):
         # Wall time of each IngressPlacement.place() call (hashing, index, policies).
 
     def reset(self, sim: Simulation) -> None:
-        # The feeder is never started: the simulation applies the events to its index.
-        feeder = PrefixIndexFeeder(KVEventReader("redis://127.0.0.1:1", cluster="router-sim"))
-        feeder.index = sim.index
-        self.ingress = IngressPlacement(
-            decode_policy=PrefixAware(self.config),
-            prefill_policy=PrefixAware(self.config),
-            config=PlacementConfig(
-                rule=DisaggRule(sim.config.local_prefill_threshold),
-                block_size=sim.config.block_size,
-                pending_prefixes=self.pending,
-            ),
-            index=feeder,
-        )
+        self.ingress = make_ingress(sim.config, self.config, sim.index, self.pending)
         sim.in_flight = self.ingress.in_flight
 
     def choose(self, sim: Simulation, job: Job) -> tuple[int, int]:

@@ -17,17 +17,27 @@ by Serve come back with the whole index.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import random
+import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
 
+import grpc
 import pytest
 import ray
+import yaml
 
 from tandem.cluster.client import TandemClient
 from tandem.cluster.config import ConfigError, load_app_config, parse_args
 from tandem.cluster.index_feeder import PrefixIndexFeeder
 from tandem.cluster.metrics import RouterMetrics
+from tandem.cluster.placement import prompt_digest
+from tandem.cluster.workloads import ChatWorkload as ChatSessions
 from tandem.router.policies import PrefixAwareConfig
 from tandem.router.prefix_index import FULL, SLIDING, prompt_block_hashes
 from tandem.workers.control_plane import (
@@ -183,10 +193,12 @@ def test_placement_config_is_validated_and_converted():
         path = where[1:] if where.startswith("/") else f"prefix_aware.{where}"
         assert err.value.field == f"args.placement.{path}"
     # The shipped file loads, with every knob spelled out (the weights bench/router_sim.py
-    # chose: no KV term, a request bound of 16, both pools alike).
+    # chose: no KV term, a request bound of 32, copies only onto short queues, both pools
+    # alike).
     shipped = load_app_config().settings.placement
-    assert shipped.decode_prefix_aware == PrefixAwareConfig(kv_weight=0.0, max_imbalance=16)
-    assert shipped.prefill_prefix_aware == PrefixAwareConfig(max_imbalance=16)
+    want = PrefixAwareConfig(kv_weight=0.0, max_imbalance=32, copy_queue_ratio=1.0)
+    assert shipped.decode_prefix_aware == want
+    assert shipped.prefill_prefix_aware == want
 
 
 def test_router_metrics_refuse_unknown_pools():
@@ -426,3 +438,150 @@ def test_prompt_hashes_match_the_workers(cluster, conversations):
         return found
 
     assert asyncio.run(holders()) & set(cluster.replicas("decode"))
+
+
+# ------------------------------------------------------------ the simulation is the code
+
+
+def _router_sim():
+    """bench/router_sim.py, loaded from its path (bench/ is not a package of tandem)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "router_sim.py"
+    spec = importlib.util.spec_from_file_location("router_sim_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _generate_admitted(client: TandemClient, prompt: list[int], max_tokens: int):
+    """The answer's token ids and the last chunk; a request admission refuses (the shared box
+    runs slowly) is sent again once its retry-after passed: refused requests are not
+    placed (admission comes first), so the decision log holds the admitted ones only."""
+    deadline = time.monotonic() + STREAM_TIMEOUT_S
+    while True:
+        try:
+            last, answer = None, []
+            for chunk in client.generate(
+                prompt,
+                timeout=STREAM_TIMEOUT_S,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+            ):
+                answer += chunk.token_ids
+                last = chunk
+            return answer, last
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _run_sessions(target: str, sessions) -> list[tuple[str, str, str]]:
+    """Each session on its own client (its own connection, so the kernel spreads them
+    over the Ingress replicas sharing the port), its requests think_s apart, each turn's
+    prompt extending the last one and the answer the cluster gave; returns (prompt
+    digest, decode replica, prefill replica) as the workers reported them."""
+    served: list[tuple[str, str, str]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    t0 = time.monotonic()
+
+    def run(spec) -> None:
+        try:
+            with TandemClient(target, options=[("grpc.use_local_subchannel_pool", 1)]) as client:
+                time.sleep(max(0.0, spec.start_s - (time.monotonic() - t0)))
+                history: tuple[int, ...] = ()
+                for k, step in enumerate(spec.steps):
+                    time.sleep(step.think_s)
+                    prompt = list(spec.prompt(k, history))
+                    answer, last = _generate_admitted(client, prompt, step.output_tokens)
+                    history = (*prompt, *answer)
+                    by = last.served_by
+                    row = (prompt_digest(prompt), by.decode_replica, by.prefill_replica)
+                    with lock:
+                        served.append(row)
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a session did not finish"
+    return served
+
+
+def test_cluster_decisions_are_the_simulations(cluster, vocab, capsys):
+    """A short chat trace from cluster/workloads.py through two Ingress replicas running
+    the shipped placement (deploy/serve-config.yaml), which log each decision with its
+    inputs (the load view after the join of heartbeats and in-flight figures, the cached
+    tokens per replica from the index and the pending prompts). Checked: every request
+    was placed once and went where placement said; and the simulation's placement
+    (bench/router_sim.py: make_ingress with the weights it reads from the same file),
+    given each logged decision's inputs, makes the same decision, reasons and cached
+    figures included. It fails if the ingress placed with other weights, another rule
+    or another policy than the simulation models, or changed a decision after place()."""
+    sim = _router_sim()
+    app_args = yaml.safe_load(sim.SERVE_CONFIG.read_text())["applications"][0]["args"]
+    shipped = app_args["placement"]
+    assert (
+        cluster.args["disagg"]["local_prefill_threshold"]
+        == (app_args["disagg"]["local_prefill_threshold"])
+    )
+    target = cluster.add_ingress_app("tandem-shipped", shipped, replicas=2)
+    # Conversations of 3-4 turns ending under 250 tokens (the tiny model's context is
+    # 512): each turn extends the last, so its prefix is cached (or pending) where the
+    # last one went. (Its sliding layers make the engine reuse a prefix only with the
+    # window before the hit: a RAG question diverging after its document finds none.)
+    workload = ChatSessions(
+        vocab_size=vocab,
+        seed=5,
+        session_rate=4.0,
+        system_tokens=16,
+        turns=(3, 4),
+        first_user_tokens=(24, 48),
+        user_tokens=(8, 24),
+        answer_tokens=(4, 8),
+        think_s=(0.05, 0.3),
+    )
+    sessions = workload.sessions(2.0)
+    assert len(sessions) >= 6
+    served = _run_sessions(target, sessions)
+    states = cluster.router_states(app="tandem-shipped")
+    assert len(states) == 2
+    logged = {rid: s["recent_decisions"] for rid, s in states.items()}
+    # Both replicas placed requests; every request was placed exactly once.
+    assert all(logged.values()), {rid: len(d) for rid, d in logged.items()}
+    decisions = {e["prompt"]: e for entries in logged.values() for e in entries}
+    assert len(decisions) == sum(map(len, logged.values())) == len(served)
+    ingress = sim.make_ingress(sim.SimConfig(), sim.shipped_prefix_aware())
+    reasons = Counter()
+    for digest, decode, prefill in served:
+        entry = decisions[digest]
+        placed = entry["placement"]
+        # The request ran where placement said (a decode worker may still prefill a
+        # remote-placed prompt itself when its own cache holds enough of it).
+        assert decode == placed["decode"]
+        assert prefill in ({placed["prefill"], ""} if placed["prefill"] else {""})
+        replayed = sim.replay_decision(ingress, entry)
+        assert asdict(replayed) == placed, (digest, entry)
+        reasons[placed["decode_reason"]] += 1
+    # The trace reused prefixes: some decisions followed a cached (or pending) one.
+    assert reasons["prefix"] > 0, reasons
+    # The comparison sees a difference where there is one: the same inputs through a
+    # placement that ignores caches (prompt_weight 0) decide some requests otherwise.
+    blind = sim.make_ingress(sim.SimConfig(), replace(sim.shipped_prefix_aware(), prompt_weight=0))
+    differ = sum(
+        asdict(sim.replay_decision(blind, e)) != e["placement"] for e in decisions.values()
+    )
+    assert differ > 0
+    with capsys.disabled():
+        print(
+            f"\nreplayed {len(decisions)} decisions of 2 ingress replicas "
+            f"({[len(d) for d in logged.values()]}): all equal; reasons {dict(reasons)}; "
+            f"{differ} differ with prompt_weight 0"
+        )
