@@ -915,10 +915,10 @@ def run_cell(cell: Cell) -> list[dict]:
     )
     computed = max(0.02, 1.0 - probe["hit_rate"])
     rate = cell.load * capacity / (per_session[3] * computed)
-    # Again at that rate, past the warm-up and long enough for tight caches to churn: a
-    # short run at another rate over-estimates the hit rate where caches are small (they
-    # have not filled yet), which put whole cells past saturation for every router.
-    measured_s = max(20.0, min(60.0, cell.measured_requests / (rate * per_session[2])))
+    # Again at that rate, as long as the cell runs: a short run at another rate
+    # over-estimates the hit rate (caches not yet full, sessions still ramping up), which
+    # put whole cells past saturation for every router, the clairvoyant one included.
+    measured_s = max(20.0, cell.measured_requests / (rate * per_session[2]))
     probe = _simulate(
         cell, Clairvoyant(), rate, fraction, cell.warmup_s + measured_s, cell.warmup_s, per_session
     )
