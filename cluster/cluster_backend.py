@@ -61,9 +61,10 @@ from tandem.cluster.api.backend import (
     QueueFull,
     ServedBy,
 )
-from tandem.cluster.config import TandemSettings
+from tandem.cluster.config import DECODE, PREFILL, TandemSettings
 from tandem.cluster.index_feeder import PrefixIndexFeeder
 from tandem.cluster.metrics import IngressMetrics
+from tandem.cluster.peer_probe import ServeActorLiveness
 from tandem.cluster.placement import IngressPlacement, PlacementConfig
 from tandem.cluster.replica_health import DecodePoolHealth
 from tandem.cluster.routing import PIN_KWARG
@@ -221,6 +222,8 @@ class ClusterBackend(GenerationBackend):
                 cluster=settings.cluster_name,
                 # a stopped worker leaves placement when its heartbeat stands still
                 stale_after_s=cp.stale_after_s,
+                # a dead one at the next poll: Ray knows (cluster/peer_probe.py)
+                alive=ServeActorLiveness({"prefill": PREFILL, "decode": DECODE}),
             ),
             placement=placement,
             config=ClusterBackendConfig(

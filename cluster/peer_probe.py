@@ -12,6 +12,10 @@ tandem.workers.disagg.peers.PeerWatch), from what Ray and the registry know:
 
 A peer the probe cannot judge (Redis down, never seen) is not gone: the transfer
 deadline still bounds the wait.
+
+ServeActorLiveness does the Ray half for the ingress's registry reads: a worker whose
+replica actor is dead leaves placement at the next registry poll (0.5 s), rather than
+when its heartbeat is found stale (3 heartbeats) or a decode replica happens to probe it.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from __future__ import annotations
 import logging
 
 import ray
+from ray import serve
 
-from tandem.workers.control_plane import ControlPlaneUnavailable, WorkerRegistry
+from tandem.workers.control_plane import ControlPlaneUnavailable, WorkerInfo, WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,49 @@ _MAX_REMEMBERED = 4096
 def replica_actor_name(app_name: str, deployment: str, replica_id: str) -> str:
     """The Ray actor name Serve gives a replica (ReplicaID.to_full_id_str)."""
     return f"SERVE_REPLICA::{app_name}#{deployment}#{replica_id}"
+
+
+def actor_is_dead(app_name: str, deployment: str, replica_id: str) -> bool:
+    """Whether Ray has no live actor for that Serve replica (its name is released when it
+    dies). One GCS lookup, blocking."""
+    try:
+        ray.get_actor(replica_actor_name(app_name, deployment, replica_id), SERVE_NAMESPACE)
+        return False
+    except ValueError:
+        return True
+
+
+class ServeActorLiveness:
+    """A registry reader's `alive` filter (WorkerRegistry(alive=...)): leaves out workers
+    whose Serve replica actor Ray reports dead, remembered (Serve never reuses an id).
+    One GCS lookup per listed worker and read, off the event loop; outside a Serve
+    replica (no app to name actors by) it leaves every worker in."""
+
+    def __init__(self, deployments: dict[str, str]) -> None:
+        """deployments: worker role -> its Serve deployment name."""
+        self._deployments = deployments
+        self._dead: set[str] = set()
+
+    def __call__(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        try:
+            app = serve.get_replica_context().app_name
+        except RuntimeError:
+            return workers
+        if len(self._dead) > _MAX_REMEMBERED:
+            self._dead.clear()
+        alive = []
+        for w in workers:
+            deployment = self._deployments.get(w.role)
+            if w.replica_id in self._dead:
+                continue
+            if deployment is not None and actor_is_dead(app, deployment, w.replica_id):
+                log.warning(
+                    "%s replica %s is dead (Ray): left out of placement", w.role, w.replica_id
+                )
+                self._dead.add(w.replica_id)
+                continue
+            alive.append(w)
+        return alive
 
 
 class PrefillPeerProbe:
@@ -67,12 +115,8 @@ class PrefillPeerProbe:
         return frozenset(gone)
 
     def _actor_dead(self, peer: str) -> bool:
-        name = replica_actor_name(self._app_name, self._deployment, peer)
-        try:
-            ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        if not actor_is_dead(self._app_name, self._deployment, peer):
             return False
-        except ValueError:
-            pass  # no live actor of that name: it died (or never was one)
         if len(self._dead) > _MAX_REMEMBERED:
             self._dead.clear()
         self._dead.add(peer)

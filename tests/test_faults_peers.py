@@ -221,6 +221,26 @@ def test_a_stopped_heartbeat_leaves_the_readers_view_before_its_ttl(redis_url):
             r.close()
 
 
+def test_readers_alive_filter_sees_the_fresh_workers_and_has_the_last_word(redis_url):
+    seen = []
+
+    def alive(workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        seen.append([w.replica_id for w in workers])
+        return [w for w in workers if w.replica_id != "dead"]
+
+    workers = [WorkerRegistry(redis_url, ttl_s=60.0, cluster="alive") for _ in range(2)]
+    reader = WorkerRegistry(redis_url, ttl_s=60.0, cluster="alive", alive=alive)
+    try:
+        for registry, rid in zip(workers, ("dead", "p1"), strict=True):
+            registry.register(_worker(rid))
+        assert [w.replica_id for w in reader.live_workers()] == ["p1"]
+        assert seen == [["dead", "p1"]]
+        assert reader.get("dead") is not None  # a filter, not an eviction
+    finally:
+        for r in (*workers, reader):
+            r.close()
+
+
 def test_evict_removes_only_the_named_incarnation(redis_url):
     worker = WorkerRegistry(redis_url, ttl_s=60.0, cluster="evict")
     reader = WorkerRegistry(redis_url, ttl_s=60.0, cluster="evict")

@@ -237,15 +237,19 @@ class WorkerRegistry:
         ttl_s: float = 10.0,
         cluster: str = "default",
         stale_after_s: float | None = None,
+        alive: Callable[[list[WorkerInfo]], list[WorkerInfo]] | None = None,
     ) -> None:
         """stale_after_s: readers leave out a record whose heartbeat has not advanced for
-        this long (module docstring); None: only expiry removes records."""
+        this long (module docstring); None: only expiry removes records. alive: a further
+        filter of what readers see (the cluster layer's: workers whose process is known
+        dead), called off the event loop by readers that poll."""
         if not isinstance(ttl_s, int | float) or not 0.1 <= ttl_s <= 3600:
             raise ValueError(f"ttl_s must be within [0.1, 3600] seconds, got {ttl_s!r}")
         if stale_after_s is not None and not 0 < stale_after_s:
             raise ValueError(f"stale_after_s must be > 0 or None, got {stale_after_s!r}")
         self.ttl_s = float(ttl_s)
         self.stale_after_s = stale_after_s
+        self._alive = alive
         self._heartbeats_seen: dict[str, tuple[float, float]] = {}
         # reader side: replica id -> (its record's updated_at, when that value was first
         # seen here, time.monotonic())
@@ -399,6 +403,8 @@ class WorkerRegistry:
             raise
         if self.stale_after_s is not None:
             workers = self._fresh(workers)
+        if self._alive is not None:
+            workers = self._alive(workers)
         return [w for w in workers if role is None or w.serves(role)]
 
     def _fresh(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
