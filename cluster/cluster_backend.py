@@ -230,7 +230,11 @@ class ClusterBackend(GenerationBackend):
                 max_waiting_requests=settings.max_waiting_requests,
                 registry_poll_s=cp.registry_poll_s,
                 health_timeout_s=settings.health_timeout_s,
-                admission=AdmissionConfig(max_start_delay_s=settings.max_start_delay_s),
+                admission=AdmissionConfig(
+                    max_start_delay_s=settings.max_start_delay_s,
+                    initial_limit_tokens=settings.admission_initial_limit_tokens,
+                    min_limit_tokens=min(256, settings.admission_initial_limit_tokens),
+                ),
                 max_migrations=settings.max_migrations,
                 stall_timeout_s=settings.stall_timeout_s,
                 stall_ping_timeout_s=settings.stall_ping_timeout_s,

@@ -76,6 +76,10 @@ class EngineArgs(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     block_size: int | None = Field(default=None, ge=1)
     kv_cache_tokens: int | None = Field(default=None, ge=1)
+    # The share of the GPU's memory the engine may hold, the KV cache taking what weights,
+    # activations and graphs leave (vLLM's gpu_memory_utilization). On cuda without
+    # kv_cache_tokens, the KV cache is sized from it; elsewhere it has no effect.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=2)
@@ -171,9 +175,12 @@ class HealthArgs(_Strict):
 class IngressArgs(_Strict):
     max_waiting_requests: int = Field(default=256, ge=1)
     health_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
-    # Admission: the longest estimated wait for a first token a request is admitted
-    # with (tandem.cluster.admission); longer ones get RESOURCE_EXHAUSTED at once.
+    # Admission (tandem.cluster.admission): the time to first token admitted requests are
+    # steered to (beyond it, RESOURCE_EXHAUSTED at once), and the backlog of prompt tokens
+    # admitted before anything is measured (about what the pools start within
+    # max_start_delay_s; slow start grows it from there).
     max_start_delay_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    admission_initial_limit_tokens: int = Field(default=4096, ge=1)
     # Stream migration (tandem.cluster.cluster_backend): times one request may move to
     # another decode replica after its replica died or stalled (0: never), and the stall
     # rule: no delta for stall_timeout_s and no answer to an engine ping within
@@ -328,7 +335,9 @@ class TandemSettings:
     health_timeout_s: float
     # How long a health check may wait for an engine loop.
     max_start_delay_s: float = 2.0
-    # Admission bound on the estimated wait for a first token (tandem.cluster.admission).
+    admission_initial_limit_tokens: int = 4096
+    # Admission's steering bound on the time to first token and its starting backlog
+    # limit (tandem.cluster.admission).
     max_migrations: int = 2
     # Times a stream may move off a failed or stalled decode replica (cluster_backend).
     stall_timeout_s: float = 10.0
@@ -358,6 +367,9 @@ class TandemSettings:
         engines = {}
         for role in ("prefill", "decode"):
             given = getattr(args.engine, role).model_dump(exclude_unset=True)
+            sized = given.get("gpu_memory_utilization") is not None and given.get("device") == "cuda"
+            if sized and "kv_cache_tokens" not in given:
+                given["kv_cache_tokens"] = None  # sized from the GPU's memory
             try:
                 engines[role] = EngineConfig(**given)
             except ValueError as err:
@@ -396,6 +408,7 @@ class TandemSettings:
             max_waiting_requests=args.ingress.max_waiting_requests,
             health_timeout_s=args.ingress.health_timeout_s,
             max_start_delay_s=args.ingress.max_start_delay_s,
+            admission_initial_limit_tokens=args.ingress.admission_initial_limit_tokens,
             max_migrations=args.ingress.max_migrations,
             stall_timeout_s=args.ingress.stall_timeout_s,
             stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,

@@ -46,6 +46,7 @@ def test_shipped_default_loads(tmp_path):
     assert (s.placement.prefill, s.placement.decode) == ("prefix_aware", "prefix_aware")
     assert (s.grpc.host, s.grpc.port) == ("127.0.0.1", 50051)
     assert s.api_key_env == "TANDEM_API_KEY"
+    assert (s.max_start_delay_s, s.admission_initial_limit_tokens) == (2.0, 4096)
     assert s.control_plane.heartbeat_interval_s < s.control_plane.heartbeat_ttl_s
     assert config.deployments["Ingress"].num_replicas == 1
     for name in ("Ingress", "PrefillServer", "DecodeServer"):
@@ -138,6 +139,21 @@ def _set(raw: dict, path: str, value) -> dict:
 ARGS = "applications.0.args"
 
 
+def test_gpu_memory_utilization_sizes_the_kv_cache_on_cuda_only(shipped):
+    shipped_decode = shipped["applications"][0]["args"]["engine"]["decode"]
+    base = {k: v for k, v in shipped_decode.items() if k != "kv_cache_tokens"}
+    engine = {**base, "device": "cuda", "gpu_memory_utilization": 0.8}
+    s = parse_app_config(_set(shipped, f"{ARGS}.engine.decode", engine)).settings
+    assert s.decode_engine.kv_cache_tokens is None  # sized from the GPU at start
+    assert s.decode_engine.gpu_memory_utilization == 0.8
+    explicit = {**engine, "kv_cache_tokens": 4096}
+    s = parse_app_config(_set(shipped, f"{ARGS}.engine.decode", explicit)).settings
+    assert s.decode_engine.kv_cache_tokens == 4096
+    on_cpu = {**base, "device": "cpu", "gpu_memory_utilization": 0.8}
+    s = parse_app_config(_set(shipped, f"{ARGS}.engine.decode", on_cpu)).settings
+    assert s.decode_engine.kv_cache_tokens == EngineConfig().kv_cache_tokens
+
+
 @pytest.mark.parametrize(
     ("path", "value", "field"),
     [
@@ -162,6 +178,11 @@ ARGS = "applications.0.args"
             "applications[0].args.engine.decode.max_num_seqs",
         ),
         (f"{ARGS}.engine.decode.blocksize", 8, "applications[0].args.engine.decode.blocksize"),
+        (
+            f"{ARGS}.engine.decode.gpu_memory_utilization",
+            1.5,
+            "applications[0].args.engine.decode.gpu_memory_utilization",
+        ),
         (f"{ARGS}.transfer_deadline", 1.0, "applications[0].args.transfer_deadline"),
         (
             f"{ARGS}.control_plane.heartbeat_ttl_s",
@@ -172,6 +193,11 @@ ARGS = "applications.0.args"
             f"{ARGS}.ingress.max_waiting_requests",
             0,
             "applications[0].args.ingress.max_waiting_requests",
+        ),
+        (
+            f"{ARGS}.ingress.admission_initial_limit_tokens",
+            0,
+            "applications[0].args.ingress.admission_initial_limit_tokens",
         ),
         (
             "applications.0.deployments.0.num_replicas",

@@ -357,7 +357,10 @@ def test_serve_config_loads_with_the_app_config_loader(rendered, tmp_path):
     for pool in GPU_POOLS:
         engine = getattr(s, f"{pool}_engine")
         assert engine.device == "cuda"
-        assert engine.kv_cache_tokens == v[pool]["engine"]["kv_cache_tokens"]
+        given = v[pool]["engine"]
+        # an explicit size, or (none given) sized from the GPU's memory at start
+        assert engine.kv_cache_tokens == given.get("kv_cache_tokens")
+        assert engine.gpu_memory_utilization == given.get("gpu_memory_utilization", 0.9)
         assert engine.dtype == v[pool]["engine"]["dtype"]
     for name, pool in POOLS.items():
         options = config.deployments[name].options()

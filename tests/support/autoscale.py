@@ -77,7 +77,9 @@ def autoscale_cluster(model_dir: str) -> Iterator[RunningCluster]:
                                      slo={"ttft_s": 0.15}),
             "DecodeServer": _policy({"running": 3}),
         },
-        ingress_args={"max_start_delay_s": MAX_START_DELAY_S},
+        # about what the pools start within the bound: ~7 requests/s of 160 tokens x 0.3 s
+        ingress_args={"max_start_delay_s": MAX_START_DELAY_S,
+                      "admission_initial_limit_tokens": 512},
         # a decode replica Serve removes finishes its streams first (the chart: 120 s)
         deployment_options={"DecodeServer": {"graceful_shutdown_timeout_s": 120}},
     ) as cluster:
