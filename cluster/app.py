@@ -263,7 +263,7 @@ class DecodeServer(_WorkerServer):
             stale_after_s=cp.stale_after_s,
         )
         self.peers = PeerWatch(
-            PrefillPeerProbe(self._peer_registry, serve.get_replica_context().app_name, PREFILL),
+            PrefillPeerProbe(self._peer_registry, prefill.app_name, PREFILL),
             settings.disagg.peer_check_interval_s,
         )
         self.worker = DecodeWorker.create(

@@ -223,7 +223,9 @@ class ClusterBackend(GenerationBackend):
                 # a stopped worker leaves placement when its heartbeat stands still
                 stale_after_s=cp.stale_after_s,
                 # a dead one at the next poll: Ray knows (cluster/peer_probe.py)
-                alive=ServeActorLiveness({"prefill": PREFILL, "decode": DECODE}),
+                alive=ServeActorLiveness(
+                    decode.app_name, {"prefill": PREFILL, "decode": DECODE}
+                ),
             ),
             placement=placement,
             config=ClusterBackendConfig(

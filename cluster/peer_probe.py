@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 
 import ray
-from ray import serve
 
 from tandem.workers.control_plane import ControlPlaneUnavailable, WorkerInfo, WorkerRegistry
 
@@ -51,33 +50,38 @@ def actor_is_dead(app_name: str, deployment: str, replica_id: str) -> bool:
 class ServeActorLiveness:
     """A registry reader's `alive` filter (WorkerRegistry(alive=...)): leaves out workers
     whose Serve replica actor Ray reports dead, remembered (Serve never reuses an id).
-    One GCS lookup per listed worker and read, off the event loop; outside a Serve
-    replica (no app to name actors by) it leaves every worker in."""
+    Only a worker once seen alive here is judged dead by a failed lookup: one never seen
+    (a name this app does not own) is left in, so a wrong name can only cost the fast
+    path, never empty the view. One GCS lookup per listed worker and read, off the event
+    loop."""
 
-    def __init__(self, deployments: dict[str, str]) -> None:
-        """deployments: worker role -> its Serve deployment name."""
+    def __init__(self, app_name: str, deployments: dict[str, str]) -> None:
+        """app_name: the Serve app whose replicas the workers are (the decode handle's);
+        deployments: worker role -> its Serve deployment name."""
+        self._app_name = app_name
         self._deployments = deployments
+        self._seen: set[str] = set()
         self._dead: set[str] = set()
 
     def __call__(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-        try:
-            app = serve.get_replica_context().app_name
-        except RuntimeError:
-            return workers
-        if len(self._dead) > _MAX_REMEMBERED:
-            self._dead.clear()
+        for remembered in (self._seen, self._dead):
+            if len(remembered) > _MAX_REMEMBERED:
+                remembered.clear()
         alive = []
         for w in workers:
-            deployment = self._deployments.get(w.role)
             if w.replica_id in self._dead:
                 continue
-            if deployment is not None and actor_is_dead(app, deployment, w.replica_id):
-                log.warning(
-                    "%s replica %s is dead (Ray): left out of placement", w.role, w.replica_id
-                )
+            deployment = self._deployments.get(w.role)
+            if deployment is None:
+                alive.append(w)
+            elif not actor_is_dead(self._app_name, deployment, w.replica_id):
+                self._seen.add(w.replica_id)
+                alive.append(w)
+            elif w.replica_id in self._seen:
+                log.warning("%s replica %s is dead (Ray): left out", w.role, w.replica_id)
                 self._dead.add(w.replica_id)
-                continue
-            alive.append(w)
+            else:
+                alive.append(w)  # never seen alive: not ours to judge
         return alive
 
 
