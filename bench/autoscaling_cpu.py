@@ -15,16 +15,14 @@ until every worker is idle. Prints one JSON object for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import psutil
 
+from bench import run_info
 from tandem.cluster.loadtest.report import SLO, summarize, write_report
 from tandem.cluster.loadtest.workloads import Lengths, Synthetic
 from tandem.workers.synthetic.tiny_model import make_tiny_model
@@ -69,12 +67,8 @@ def main() -> None:
                 for r in overload.records
             ]))
             deadline_statuses, idle_after_s = run_deadlines(cluster)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     print(json.dumps({
-        "date": datetime.date.today().isoformat(),
-        "commit": commit,
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
+        **run_info.stamp(),
         "phases": {
             "requests": len(phases.records),
             "statuses": dict(Counter(r.status for r in phases.records)),

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import run_info
 from bench.hostile_input import (
     CHAT,
     GENERATE,
@@ -234,11 +234,7 @@ def main() -> None:
             for code, n in kind["codes"].items():
                 codes[code] += n
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        **run_info.stamp(),
         "load_average_before_after": [load_before, os.getloadavg()],
         "seconds_a_phase": args.seconds,
         "rounds": args.rounds,

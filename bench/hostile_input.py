@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import run_info
 from tandem.cluster.api.gen import tandem_pb2 as pb
 
 GENERATE = "/tandem.v1.Tandem/Generate"
@@ -376,12 +376,7 @@ def main() -> None:
         server.close()
 
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average": os.getloadavg(),
+        **run_info.stamp(),
         "seconds_a_phase": args.seconds,
         "rounds": args.rounds,
         "hostile_rate": args.hostile_rate or "back to back",
