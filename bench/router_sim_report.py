@@ -1,7 +1,7 @@
 """bench/router_sim.py's JSON as the markdown tables of bench/RESULTS.md, with issue 20's
 acceptance checked per cell.
 
-    .venv/bin/python bench/router_sim_report.py GRID.json [--goodput GOODPUT.json]
+    .venv/bin/python bench/router_sim_report.py GRID.json [--goodput SWEEP.json ...]
 
 Per cell (workload, pool, cache, load 0.8): the median over the seeds that ran of each
 router's prefix hit rate and TTFT p99, the seeds and the fewest measured requests of a
@@ -106,27 +106,34 @@ def goodput_table(rows: list[dict]) -> str:
         series[key][r["router"]].setdefault(r["load"], [])
         series[key][r["router"]][r["load"]].append(r["ttft_p99_s"])
     routers = [r for r in ORDER if any(r in s for s in series.values())]
-    loads = sorted({r["load"] for r in rows})
     lines = [
         f"| workload | pool | cache | {' | '.join(routers)} | prefix_aware / yardstick |",
         "|---|---:|---|" + "---:|" * len(routers) + "---:|",
     ]
     for key in sorted(series, key=lambda k: _sort_key((*k, 0))):
-        good = {}
+        good, shown = {}, {}
+        ran = sorted({load for by_load in series[key].values() for load in by_load})
         for router, by_load in series[key].items():
             best = 0.0
-            for load in loads:
+            for load in ran:
                 if load in by_load and statistics.median(by_load[load]) < GOODPUT_P99_S:
                     best = load
                 else:
                     break
             good[router] = best
-        cells = [f"{good[r]:.1f}" if r in good else "-" for r in routers]
+            # Every load of the sweep under 2 s: at least the last; none: below the first.
+            if best == ran[-1]:
+                shown[router] = f">= {best:.1f}"
+            else:
+                shown[router] = f"{best:.1f}" if best else f"< {ran[0]:.1f}"
+        cells = [shown.get(r, "-") for r in routers]
         yardstick, factor = ("round_robin", 1.0) if key[0] == "no_reuse" else ("clairvoyant", 0.8)
         ratio = "-"
         if "prefix_aware" in good and good.get(yardstick):
             value = good["prefix_aware"] / good[yardstick]
             ratio = f"{value:.2f} ({yardstick}){'' if value >= factor else ' **miss**'}"
+        elif good.get("prefix_aware") and yardstick in good:
+            ratio = f"above ({yardstick} below the sweep)"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)
 
@@ -134,7 +141,7 @@ def goodput_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grid")
-    parser.add_argument("--goodput", default="")
+    parser.add_argument("--goodput", nargs="*", default=[])
     args = parser.parse_args()
     rows = json.loads(Path(args.grid).read_text())["rows"]
     table, verdict = grid_tables(rows)
@@ -149,8 +156,9 @@ def main() -> None:
             f"{p50:.3f} ms; runs' p99 median {statistics.median(p99):.3f} ms, max {max(p99):.3f} ms"
         )
     if args.goodput:
+        sweep = [row for path in args.goodput for row in json.loads(Path(path).read_text())["rows"]]
         print()
-        print(goodput_table(json.loads(Path(args.goodput).read_text())["rows"]))
+        print(goodput_table(sweep))
 
 
 if __name__ == "__main__":
