@@ -367,8 +367,10 @@ class TandemSettings:
         engines = {}
         for role in ("prefill", "decode"):
             given = getattr(args.engine, role).model_dump(exclude_unset=True)
-            sized = given.get("gpu_memory_utilization") is not None and given.get("device") == "cuda"
-            if sized and "kv_cache_tokens" not in given:
+            utilization = given.get("gpu_memory_utilization")
+            if utilization is not None and given.get("device") == "cuda" and (
+                "kv_cache_tokens" not in given
+            ):
                 given["kv_cache_tokens"] = None  # sized from the GPU's memory
             try:
                 engines[role] = EngineConfig(**given)
