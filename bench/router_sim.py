@@ -7,12 +7,16 @@ drives the project's own placement code.
 
 What is real and what is modelled:
 
-    real   place(), the policies (PrefixAware with deploy/serve-config.yaml's decode weights
-           unless --prefix-aware overrides them), LoadView.from_workers joining heartbeat
-           records with the ingress's InFlight figures, a PrefixIndex fed only by the
-           BlockPools' stored/removed events (after --event-lag-s), one BlockPool per
-           replica (LRU free queue, ref counts, hash map), the engine's chained block hashes
+    real   the router `prefix_aware` is the ingress's own IngressPlacement
+           (cluster/placement.py, make_ingress): PrefixAware with deploy/serve-config.yaml's
+           decode weights (unless --prefix-aware overrides them), LoadView.from_workers
+           joining heartbeat records with its InFlight figures, its hash cache, its pending
+           prefixes, place() and release(); a PrefixIndex fed only by the BlockPools'
+           stored/removed events (after --event-lag-s), one BlockPool per replica (LRU free
+           queue, ref counts, hash map), the engine's chained block hashes
            (tandem.workers.kv.block_hash) over the workloads' token ids (cluster/workloads.py).
+           replay_decision makes a decision an ingress logged again from its inputs
+           (tests/test_router_cluster.py checks a cluster's decisions against it).
     model  each replica: a FIFO prefill queue computing the uncached part of each prompt at
            a fixed rate; a request is admitted (its cached prefix touched, its blocks
            allocated for prompt + answer) when it reaches the head of the queue, a decode
@@ -23,8 +27,10 @@ What is real and what is modelled:
 
 Load: a calibration run of the clairvoyant router (at the rate where the unique prompt
 work, tokens in blocks nothing computed before, is half the pool's prefill rate) measures
-the share of prompt tokens it computes; the session rate is then set so that the
-clairvoyant router's prefill would be `load` busy, and every router serves that trace.
+the share of prompt tokens it computes, a second one at the rate that gives, as long as
+the cell, measures it again; the session rate is then set so that the clairvoyant
+router's prefill would be `load` busy, and every router serves that trace (sessions keep
+ramping up past the warm-up, so at small caches this overshoots: bench/RESULTS.md).
 Cache sizes are fractions of the working set (time-average of the tokens of live content:
 a conversation from its start to its last turn, a document from its first to its last
 use, at nominal times), per replica: tight 0.25, scarce 0.5, medium 1, ample 4.
