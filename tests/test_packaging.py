@@ -94,16 +94,22 @@ def test_listed_packages_are_the_tree():
 
 def test_every_import_of_ours_goes_through_tandem():
     """No file imports our code by a top-level name other than `tandem` (the folder names
-    collide with other packages), and the Serve import paths follow."""
+    collide with other packages), and the Serve import paths follow. The repository's own
+    scripts share helpers by name: tests.support (tests and bench), bench's modules (bench)."""
     ours = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")}
     ours |= {p.stem for p in REPO.rglob("*.py") if ".venv" not in p.parts}
-    ours -= {"tandem", "tests"}
+    ours -= {"tandem", "tests", "bench"}
     offenders = []
     for path in _python_files(*SOURCE_DIRS, "tests", "bench"):
         rel = path.relative_to(REPO)
         for line, module in _absolute_imports(path):
             top = module.split(".")[0]
-            if top in ours or (top == "tests" and rel.parts[0] not in ("tests", "bench")):
+            # tests.support and bench's shared modules are for the repository's own scripts
+            # (run from its root), never for the package
+            outside = (top == "tests" and rel.parts[0] not in ("tests", "bench")) or (
+                top == "bench" and rel.parts[0] != "bench"
+            )
+            if top in ours or outside:
                 offenders.append(f"{rel}:{line}: import {module}")
     assert offenders == []
     serve_config = (REPO / "deploy" / "serve-config.yaml").read_text(encoding="utf-8")
