@@ -33,22 +33,8 @@ def prompt(rng: random.Random, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(32)]
 
 
-def run_until(engine: LLMEngine, done, watch: str | None = None):
-    """Step until `done()`; returns each step's seconds and the times `watch` got tokens."""
-    steps, token_times = [], []
-    while not done():
-        start = time.perf_counter()
-        outs = engine.step()
-        end = time.perf_counter()
-        steps.append(end - start)
-        for out in outs:
-            if out.request_id == watch and out.token_ids:
-                token_times.append(end)
-    return steps, token_times
-
-
 def gaps(times: list[float]) -> list[float]:
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
 
 
 def main() -> None:
@@ -63,8 +49,14 @@ def main() -> None:
     vocab = engine.config.vocab_size
 
     engine.generate([prompt(rng, vocab)], SHORT)  # warm-up
-    short = engine.add_request(prompt(rng, vocab), SHORT, "short-alone")
-    alone_steps, alone_times = run_until(engine, lambda: not engine.has_unfinished(), short)
+    engine.add_request(prompt(rng, vocab), SHORT, "short-alone")
+    alone_steps, alone_times = [], []
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        outs = engine.step()
+        end = time.perf_counter()
+        alone_steps.append(end - start)
+        alone_times += [end for out in outs if out.token_ids]
 
     long_params = SamplingParams(temperature=0.0, max_tokens=args.long_tokens, ignore_eos=True)
     produced = {engine.add_request(prompt(rng, vocab), long_params): 0 for _ in range(args.long)}
@@ -108,7 +100,10 @@ def main() -> None:
         **run_info.stamp(),
         "long": args.long,
         "long_tokens_in_when_joined": args.at,
-        "alone": {"itl_p50_ms": 1e3 * alone_itl, "step_p50_ms": 1e3 * statistics.median(alone_steps)},
+        "alone": {
+            "itl_p50_ms": 1e3 * alone_itl,
+            "step_p50_ms": 1e3 * statistics.median(alone_steps),
+        },
         "long_only_step_p50_ms": 1e3 * statistics.median(before[-200:]),
         "joined": {"itl_p50_ms": 1e3 * joined_itl,
                    "itl_p99_ms": 1e3 * sorted(gaps(times))[int(0.99 * (len(times) - 2))],
