@@ -356,6 +356,7 @@ class Ingress:
         await self.backend.start()
         self._api_key = settings.api_key()
         self._health_timeout_s = settings.health_timeout_s
+        self._refusals = settings.refusal_budget()
         grpc = settings.grpc
         self.server = await TandemServer.start(
             self.backend,
@@ -368,6 +369,7 @@ class Ingress:
                 tls_key_file=grpc.tls_key_file,
                 health_port=grpc.health_port,
                 shared_port=grpc.shared_port,
+                refusals=self._refusals,
             ),
         )
 
@@ -376,7 +378,11 @@ class Ingress:
         after __init__)."""
         return build_http_app(
             self.backend,
-            HttpConfig(api_key=self._api_key, health_timeout_s=self._health_timeout_s),
+            HttpConfig(
+                api_key=self._api_key,
+                health_timeout_s=self._health_timeout_s,
+                refusals=self._refusals,
+            ),
         )
 
     def target(self) -> str:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
 from tandem.cluster.api import DEFAULT_GRPC_PORT
+from tandem.cluster.api.refusals import RefusalBudgetConfig
 from tandem.router.policies import DisaggRule, PrefixAwareConfig
 from tandem.workers.disagg.roles import DisaggConfig
 from tandem.workers.engine.llm_engine import EngineConfig
@@ -181,6 +182,11 @@ class IngressArgs(_Strict):
     # max_start_delay_s; slow start grows it from there).
     max_start_delay_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     admission_initial_limit_tokens: int = Field(default=4096, ge=1)
+    # Refusal budget of each client connection, both fronts (tandem.cluster.api.refusals):
+    # refusals for bad input it may receive in a row (0: no budget), and earns back a
+    # second; past it, its requests get RESOURCE_EXHAUSTED / 429 unparsed.
+    refusal_burst: int = Field(default=32, ge=0)
+    refusal_per_s: float = Field(default=4.0, gt=0, allow_inf_nan=False)
     # Stream migration (tandem.cluster.cluster_backend): times one request may move to
     # another decode replica after its replica died or stalled (0: never), and the stall
     # rule: no delta for stall_timeout_s and no answer to an engine ping within
@@ -336,6 +342,10 @@ class TandemSettings:
     # How long a health check may wait for an engine loop.
     max_start_delay_s: float = 2.0
     admission_initial_limit_tokens: int = 4096
+    refusal_burst: int = 32
+    refusal_per_s: float = 4.0
+    # Each client connection's budget of refusals for bad input (0: none), and its refill
+    # a second (tandem.cluster.api.refusals).
     # Admission's steering bound on the time to first token and its starting backlog
     # limit (tandem.cluster.admission).
     max_migrations: int = 2
@@ -411,6 +421,8 @@ class TandemSettings:
             health_timeout_s=args.ingress.health_timeout_s,
             max_start_delay_s=args.ingress.max_start_delay_s,
             admission_initial_limit_tokens=args.ingress.admission_initial_limit_tokens,
+            refusal_burst=args.ingress.refusal_burst,
+            refusal_per_s=args.ingress.refusal_per_s,
             max_migrations=args.ingress.max_migrations,
             stall_timeout_s=args.ingress.stall_timeout_s,
             stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
@@ -448,6 +460,12 @@ class TandemSettings:
         if self.api_key_env is None:
             return None
         return os.environ.get(self.api_key_env) or None
+
+    def refusal_budget(self) -> RefusalBudgetConfig | None:
+        """The fronts' per-connection refusal budget (None: refusal_burst 0, no budget)."""
+        if self.refusal_burst == 0:
+            return None
+        return RefusalBudgetConfig(burst=self.refusal_burst, per_s=self.refusal_per_s)
 
 
 def _placement_settings(args: PlacementArgs, disagg: DisaggConfig) -> PlacementSettings:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tandem.cluster.api.refusals import RefusalBudgetConfig
 from tandem.cluster.autoscaling import PoolAutoscaler
 from tandem.cluster.config import (
     DEFAULT_CONFIG_PATH,
@@ -47,6 +48,7 @@ def test_shipped_default_loads(tmp_path):
     assert (s.grpc.host, s.grpc.port) == ("127.0.0.1", 50051)
     assert s.api_key_env == "TANDEM_API_KEY"
     assert (s.max_start_delay_s, s.admission_initial_limit_tokens) == (2.0, 4096)
+    assert s.refusal_budget() == RefusalBudgetConfig(burst=32, per_s=4.0)
     assert s.control_plane.heartbeat_interval_s < s.control_plane.heartbeat_ttl_s
     assert config.deployments["Ingress"].num_replicas == 1
     for name in ("Ingress", "PrefillServer", "DecodeServer"):
@@ -139,6 +141,14 @@ def _set(raw: dict, path: str, value) -> dict:
 ARGS = "applications.0.args"
 
 
+def test_refusal_budget_off_with_a_zero_burst(shipped):
+    off = parse_app_config(_set(shipped, f"{ARGS}.ingress.refusal_burst", 0)).settings
+    assert off.refusal_budget() is None
+    tight = _set(shipped, f"{ARGS}.ingress.refusal_burst", 2)
+    tight = _set(tight, f"{ARGS}.ingress.refusal_per_s", 0.5)
+    assert parse_app_config(tight).settings.refusal_budget() == RefusalBudgetConfig(2, 0.5)
+
+
 def test_gpu_memory_utilization_sizes_the_kv_cache_on_cuda_only(shipped):
     shipped_decode = shipped["applications"][0]["args"]["engine"]["decode"]
     base = {k: v for k, v in shipped_decode.items() if k != "kv_cache_tokens"}
@@ -198,6 +208,11 @@ def test_gpu_memory_utilization_sizes_the_kv_cache_on_cuda_only(shipped):
             f"{ARGS}.ingress.admission_initial_limit_tokens",
             0,
             "applications[0].args.ingress.admission_initial_limit_tokens",
+        ),
+        (
+            f"{ARGS}.ingress.refusal_per_s",
+            0,
+            "applications[0].args.ingress.refusal_per_s",
         ),
         (
             "applications.0.deployments.0.num_replicas",
