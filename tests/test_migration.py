@@ -199,8 +199,23 @@ class Run:
         return now.get(reason, 0) - self.migrations_before.get(reason, 0)
 
 
+def served_on_both(client: TandemClient, replicas: list[str]) -> None:
+    """Once one-token requests through the ingress have been served on both replicas: a
+    replacement replica can be in the registry before the ingress's Serve handle routes
+    to it (a pinned call then falls back to the other one)."""
+    seen: set[str] = set()
+
+    def both() -> bool:
+        chunks = list(client.generate([5, 6, 7], timeout=STREAM_TIMEOUT_S, max_tokens=1))
+        seen.add(chunks[-1].served_by.decode_replica)
+        return seen >= set(replicas)
+
+    wait_for(both, 60, "requests served on both decode replicas", interval_s=0.1)
+
+
 def start_run(cluster, client, reference, seed: int, seeded: bool) -> Run:
     replicas = two_decode_replicas(cluster)
+    served_on_both(client, replicas)
     prompt_list = prompts(seed, reference.config.vocab_size)
     want = expected(reference, prompt_list, seeded)
     before = dict(ingress_state(cluster)["migrations"])
