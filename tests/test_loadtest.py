@@ -260,8 +260,9 @@ def test_both_apis_give_the_same_run(tmp_path, servers, api):
     assert summary["completed"] == 8 and not summary["errors_by_status"]
     assert all(r["output_tokens"] == 5 and r["prompt_tokens"] == 48 for r in requests)
     assert all(len(r["itl_s"]) == 4 for r in requests)
-    # one 40-token document (5 blocks of 8) shared by every request after the first
-    assert sum(r["cached_tokens"] for r in requests) >= 7 * 40
+    # one 40-token document (5 blocks of 8): the first two requests run at once and may
+    # both compute it; every later one starts after one of them finished, and finds it
+    assert sum(r["cached_tokens"] for r in requests) >= 6 * 40
 
 
 def test_http_chat_workload_is_refused_by_name(tmp_path, servers):
