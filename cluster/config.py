@@ -417,15 +417,8 @@ class TandemSettings:
             prefill_engine=engines["prefill"],
             decode_engine=engines["decode"],
             control_plane=ControlPlaneSettings(**args.control_plane.model_dump()),
-            max_waiting_requests=args.ingress.max_waiting_requests,
-            health_timeout_s=args.ingress.health_timeout_s,
-            max_start_delay_s=args.ingress.max_start_delay_s,
-            admission_initial_limit_tokens=args.ingress.admission_initial_limit_tokens,
-            refusal_burst=args.ingress.refusal_burst,
-            refusal_per_s=args.ingress.refusal_per_s,
-            max_migrations=args.ingress.max_migrations,
-            stall_timeout_s=args.ingress.stall_timeout_s,
-            stall_ping_timeout_s=args.ingress.stall_ping_timeout_s,
+            # every ingress setting under its own name
+            **args.ingress.model_dump(),
             health=HealthSettings(**args.health.model_dump()),
         )
 
